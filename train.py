@@ -1,0 +1,407 @@
+"""Train any objective of this repository on one CPU/GPU, or several under torchrun.
+
+    python train.py --objective ntp|mtp|autoencoder|calm|dispersion [--preset cpu|gpu] [--any_config_field VALUE]
+    torchrun --nproc_per_node 2 train.py ...       (data parallel: nccl on GPU, gloo on CPU)
+
+An objective is a dict, defined next to its paper (NTP below, the others in mtp.py, calm.py, dispersion.py):
+  config            dataclass of the objective's own flags (added to the command line), or None
+  build(gcfg, args, data) -> nn.Module            gcfg: the GPTConfig built from the flags
+  loss(model, x, y, args) -> (loss, {name: float})  x, y: (B, T) tokens and next-token targets
+  forward_backward(model, x, y, args, scale)      optional: compute the gradients of scale*loss yourself
+                                                  (MTP's memory-efficient schedule); returns what loss returns
+  evaluate(model, data, args) -> {name: float}    optional extra eval metrics
+  generate(model, idx, args, generator) -> idx    sample args.max_new_tokens tokens after idx (1, T)
+  draw(model, ctx, n_tokens, generator, args)     optional: (B, n_tokens) sampled continuations of ctx (B, T),
+                                                  what BrierLM needs (default: generate at temperature 1)
+The loop below knows nothing else about any objective.
+"""
+import argparse
+import dataclasses
+import importlib
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data import load_data
+from gpt import GPT, GPTConfig, UserError
+
+
+# ----------------------------------------------------------------------------- the next-token objective
+
+def ntp_loss(model, x, y, args):
+    _, loss = model(x, y)
+    return loss, {}
+
+
+def ntp_generate(model, idx, args, generator=None):
+    if getattr(args, "speculative", False):
+        raise UserError("--speculative needs a multi-token (mtp) checkpoint with extra heads")
+    return model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator=generator)
+
+
+NTP = dict(config=None, build=lambda gcfg, args, data: GPT(gcfg), loss=ntp_loss, generate=ntp_generate)
+
+# objective name -> module that defines OBJECTIVES[name] (imported only when asked for)
+REGISTRY = {"ntp": "train", "mtp": "mtp", "autoencoder": "calm", "calm": "calm", "dispersion": "dispersion"}
+
+
+def get_objective(name):
+    if name not in REGISTRY:
+        raise UserError(f"unknown objective {name!r}: choose from {', '.join(REGISTRY)}")
+    if name == "ntp":
+        return NTP
+    try:
+        module = importlib.import_module(REGISTRY[name])
+    except ModuleNotFoundError:
+        raise UserError(f"objective {name!r} is not implemented yet ({REGISTRY[name]}.py is missing)") from None
+    return module.OBJECTIVES[name]
+
+
+def default_draw(model, ctx, n_tokens, generator, args):
+    return model.generate(ctx, n_tokens, temperature=1.0, generator=generator)[:, -n_tokens:]
+
+
+# ----------------------------------------------------------------------------- command line
+
+@dataclasses.dataclass
+class TrainConfig:
+    objective: str = "ntp"
+    preset: str = "cpu"
+    dataset: str = None           # None: shakespeare, falling back to pystdlib offline
+    tokenizer: str = None         # None: gpt2, falling back to bytes offline
+    device: str = "auto"          # auto: cuda > mps > cpu
+    out_dir: str = None           # None: out/<objective>
+    seed: int = 1337
+    batch_size: int = 8           # sequences per micro-batch per process
+    grad_accum: int = 1
+    max_iters: int = 300
+    eval_interval: int = 100
+    eval_iters: int = 10
+    log_interval: int = 10
+    learning_rate: float = 1e-3
+    min_lr: float = None          # None: learning_rate / 10
+    warmup_iters: int = 30
+    lr_decay_iters: int = None    # None: max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    brier_positions: int = 64     # BrierLM positions per eval (0: off)
+    compile: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    sample_tokens: int = 100      # tokens of the sample printed at the end (0: none)
+
+
+PRESETS = {
+    "cpu": {},  # the dataclass defaults: ~1.6M non-embedding params, a few minutes on 2 cores
+    "gpu": dict(batch_size=64, block_size=256, n_layer=8, n_head=8, n_embd=512, dropout=0.2, max_iters=5000,
+                eval_interval=500, eval_iters=50, log_interval=50, learning_rate=6e-4, warmup_iters=200,
+                brier_positions=512),
+}
+SAMPLE_FLAGS = dict(max_new_tokens=100, temperature=0.8, top_k=200, speculative=False)
+
+
+def add_fields(parser, cls, skip=()):
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if f.type in (bool, "bool"):
+            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?",
+                                const=True, default=f.default)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(getattr(f.type, "__name__", f.type), str)
+            parser.add_argument(f"--{f.name}", type=kind, default=f.default)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(message)
+
+
+def parse_args(argv=None):
+    first = OneLineParser(add_help=False)
+    first.add_argument("--objective", default="ntp")
+    first.add_argument("--preset", default="cpu")
+    known, _ = first.parse_known_args(argv)
+    objective = get_objective(known.objective)
+    if known.preset not in PRESETS:
+        raise UserError(f"unknown preset {known.preset!r}: choose from {', '.join(PRESETS)}")
+    parser = OneLineParser(description=__doc__.splitlines()[0])
+    add_fields(parser, TrainConfig)
+    add_fields(parser, GPTConfig, skip=("vocab_size",))
+    if objective["config"] is not None:
+        add_fields(parser, objective["config"])
+    parser.set_defaults(**PRESETS[known.preset])
+    args = parser.parse_args(argv)
+    args.explicit = {k for k, v in vars(args).items() if v != parser.get_default(k)}
+    args.out_dir = args.out_dir or os.path.join("out", args.objective)
+    args.min_lr = args.learning_rate / 10 if args.min_lr is None else args.min_lr
+    args.lr_decay_iters = args.max_iters if args.lr_decay_iters is None else args.lr_decay_iters
+    for k, v in SAMPLE_FLAGS.items():
+        setattr(args, k, v)
+    args.max_new_tokens = args.sample_tokens
+    for name in ("batch_size", "max_iters", "eval_iters", "block_size", "n_layer", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    return args, objective
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig)] + ["objective", "dataset", "tokenizer"]
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        assert isinstance(ckpt, dict) and "model" in ckpt and "args" in ckpt
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint of this project ({type(e).__name__})") from None
+    return ckpt
+
+
+def save_checkpoint(path, state):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken ckpt.pt
+
+
+def model_keys(objective):
+    return MODEL_KEYS + ([f.name for f in dataclasses.fields(objective["config"])] if objective["config"] else [])
+
+
+def merge_resumed_args(args, saved, objective):
+    """Model-shaping settings come from the checkpoint; an explicit flag that contradicts one is an error."""
+    if saved["objective"] != args.objective:
+        raise UserError(f"checkpoint was trained with --objective {saved['objective']}, not {args.objective}")
+    for k in model_keys(objective):
+        if k in args.explicit and k in saved and getattr(args, k) != saved[k]:
+            raise UserError(f"checkpoint has {k}={saved[k]!r} but --{k} {getattr(args, k)!r} was given")
+        if k in saved:
+            setattr(args, k, saved[k])
+
+
+def gpt_config(args, vocab_size):
+    return GPTConfig(vocab_size=vocab_size, **{f.name: getattr(args, f.name) for f in dataclasses.fields(GPTConfig)
+                                               if f.name != "vocab_size"})
+
+
+def rng_state(batch_gen):
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                numpy=np.random.get_state(), python=random.getstate(), batches=batch_gen.get_state())
+
+
+def set_rng_state(state, batch_gen):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    batch_gen.set_state(state["batches"])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def pick_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def lr_at(it, args):
+    """Linear warm-up, then cosine decay from learning_rate to min_lr at lr_decay_iters."""
+    if it < args.warmup_iters:
+        return args.learning_rate * (it + 1) / (args.warmup_iters + 1)
+    if it >= args.lr_decay_iters:
+        return args.min_lr
+    ratio = (it - args.warmup_iters) / max(1, args.lr_decay_iters - args.warmup_iters)
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (args.learning_rate - args.min_lr)
+
+
+def make_optimizer(model, args, device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),  # matrices decay
+              dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]               # norms, biases don't
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.beta1, args.beta2),
+                             fused=device.startswith("cuda"))
+
+
+@torch.no_grad()
+def evaluate(model, objective, data, args, ctx):
+    """Mean loss over eval_iters fixed batches per split (own generator: training's RNG is untouched)."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(args.seed + 1)
+        losses = []
+        for _ in range(args.eval_iters):
+            x, y = data.get_batch(split, args.batch_size, args.block_size, gen, args.device)
+            with ctx:
+                losses.append(objective["loss"](model, x, y, args)[0].item())
+        out[f"{split}_loss"] = sum(losses) / len(losses)
+    if objective.get("evaluate"):
+        out.update(objective["evaluate"](model, data, args))
+    if args.brier_positions > 0:
+        try:
+            import brierlm
+        except ModuleNotFoundError:
+            brierlm = None
+        if brierlm is not None:
+            out.update(brierlm.evaluate_objective(model, objective, data, args))
+    model.train()
+    return out
+
+
+def forward_backward(model, objective, x, y, args, scale, ctx):
+    if objective.get("forward_backward"):
+        with ctx:
+            return objective["forward_backward"](model, x, y, args, scale)
+    with ctx:
+        loss, logs = objective["loss"](model, x, y, args)
+    (loss * scale).backward()
+    return loss.detach(), logs
+
+
+def all_reduce_grads(model, world):
+    """Average gradients over processes (what DDP does, without overlapping it with the backward pass)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
+def train(args, objective):
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    args.device = pick_device(args.device)
+    if world > 1:
+        if args.device == "cuda":
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    saved = None
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            raise UserError(f"--resume: nothing to resume, no checkpoint at {ckpt_path}")
+        saved = load_checkpoint(ckpt_path)
+        merge_resumed_args(args, saved["args"], objective)
+    elif os.path.exists(ckpt_path) and not args.overwrite:
+        raise UserError(f"{ckpt_path} exists: pass --resume to continue it, --overwrite to replace it, "
+                        f"or choose another --out_dir")
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else nullcontext()
+
+    data = load_data(args.dataset, args.tokenizer)
+    args.dataset, args.tokenizer = data.name, data.tokenizer.name  # what was really used (after any fallback)
+    data.random_offsets("val", 1, args.block_size)  # block_size larger than the data: a clear error now
+    model = objective["build"](gpt_config(args, data.vocab_size), args, data).to(args.device)
+    optimizer = make_optimizer(model, args, args.device)
+    batch_gen = torch.Generator().manual_seed(args.seed)  # the data position: same on every rank
+    start, metrics = 0, {}
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"], batch_gen)
+        start, metrics = saved["iter"], saved.get("metrics", {})
+        log(f"resumed from {ckpt_path} at iteration {start}")
+    if args.compile:
+        for m in model.modules():  # compile each Transformer block: every objective benefits
+            if type(m).__name__ == "Block":
+                m.compile()
+    os.makedirs(args.out_dir, exist_ok=True)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"objective {args.objective} | data {data.name}/{data.tokenizer.name} | {n_params / 1e6:.2f}M trainable "
+        f"params | device {args.device} | {world} process(es)")
+
+    def checkpoint(it):
+        if master:
+            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), iter=it, metrics=metrics,
+                         args={k: v for k, v in vars(args).items() if k != "explicit"}, objective=args.objective,
+                         rng=rng_state(batch_gen))
+            save_checkpoint(ckpt_path, state)
+
+    B, T = args.batch_size, args.block_size
+    tokens_per_iter = B * T * args.grad_accum * world
+    t0, t_log, loss_value = time.time(), time.time(), float("nan")
+    for it in range(start, args.max_iters + 1):
+        if (it % args.eval_interval == 0 or it == args.max_iters) and not (saved is not None and it == start):
+            metrics.update(evaluate(model, objective, data, args, ctx), iter=it)
+            log(f"eval {it}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "iter"))
+            checkpoint(it)
+            t_log = time.time()  # the progress line's speed leaves evaluation out
+        if it == args.max_iters:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(it, args)
+        ix = data.random_offsets("train", B * args.grad_accum * world, T, batch_gen)
+        for micro in range(args.grad_accum):
+            lo = (micro * world + rank) * B  # global batch drawn once, then split: same on 1 or N processes
+            x, y = data.batch_at("train", ix[lo:lo + B], T, args.device)
+            loss, logs = forward_backward(model, objective, x, y, args, 1.0 / args.grad_accum, ctx)
+        if world > 1:
+            all_reduce_grads(model, world)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise UserError(f"loss is {loss_value} at iteration {it}: stopped; the last good checkpoint "
+                            f"{'is kept at ' + ckpt_path if os.path.exists(ckpt_path) else 'was never written'}")
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics["train_loss_last"] = loss_value
+        if (it + 1) % args.log_interval == 0:
+            dt = (time.time() - t_log) / args.log_interval
+            t_log = time.time()
+            eta = (args.max_iters - it - 1) * (time.time() - t0) / (it + 1 - start)
+            extra = "".join(f" | {k} {v:.4f}" for k, v in logs.items())
+            log(f"iter {it + 1}/{args.max_iters} | loss {loss_value:.4f}{extra} | lr {lr_at(it, args):.2e} | "
+                f"{tokens_per_iter / dt:,.0f} tok/s | ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+    checkpoint(args.max_iters)
+    log(f"done in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
+    if master and args.sample_tokens > 0:
+        model.eval()
+        prompt = torch.tensor([data.tokenizer.encode("\n")], dtype=torch.long, device=args.device)
+        with ctx:
+            out = objective["generate"](model, prompt, args, torch.Generator(args.device).manual_seed(args.seed))
+        log("sample:\n" + data.tokenizer.decode(out[0].tolist()))
+    if world > 1:
+        dist.destroy_process_group()
+    return metrics
+
+
+def main(argv=None):
+    try:
+        args, objective = parse_args(argv)
+        train(args, objective)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint written is kept", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
