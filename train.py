@@ -180,10 +180,11 @@ def model_keys(objective):
     return MODEL_KEYS + ([f.name for f in dataclasses.fields(objective["config"])] if objective["config"] else [])
 
 
-def merge_resumed_args(args, saved, objective):
+def merge_resumed_args(args, ckpt, objective):
     """Model-shaping settings come from the checkpoint; an explicit flag that contradicts one is an error."""
-    if saved["objective"] != args.objective:
-        raise UserError(f"checkpoint was trained with --objective {saved['objective']}, not {args.objective}")
+    if ckpt["objective"] != args.objective:
+        raise UserError(f"checkpoint was trained with --objective {ckpt['objective']}, not {args.objective}")
+    saved = ckpt["args"]
     for k in model_keys(objective):
         if k in args.explicit and k in saved and getattr(args, k) != saved[k]:
             raise UserError(f"checkpoint has {k}={saved[k]!r} but --{k} {getattr(args, k)!r} was given")
@@ -300,7 +301,7 @@ def train(args, objective):
         if not os.path.exists(ckpt_path):
             raise UserError(f"--resume: nothing to resume, no checkpoint at {ckpt_path}")
         saved = load_checkpoint(ckpt_path)
-        merge_resumed_args(args, saved["args"], objective)
+        merge_resumed_args(args, saved, objective)
     elif os.path.exists(ckpt_path) and not args.overwrite:
         raise UserError(f"{ckpt_path} exists: pass --resume to continue it, --overwrite to replace it, "
                         f"or choose another --out_dir")
@@ -394,7 +395,7 @@ def train(args, objective):
 def main(argv=None):
     try:
         args, objective = parse_args(argv)
-        train(args, objective)
+        return train(args, objective)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
