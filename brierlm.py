@@ -8,7 +8,7 @@ Paper -> code
   unbiased two-sample estimate 1{x1=y} + 1{x2=y} - 1{x1=x2} two_sample_estimates
   Brier-n: outcome = the n-gram after a position; n-gram     two_sample_estimates (cumulative product of per-
            match = all n tokens match                        token matches over one 4-token rollout per sample)
-  BrierLM = 100 * (Brier-1 Brier-2 Brier-3 Brier-4)^(1/4)    brierlm_from_briers (product clamped at >= 0)
+  BrierLM = 100 * (Brier-1 Brier-2 Brier-3 Brier-4)^(1/4)    brierlm_from_briers (each factor clamped at 0)
   lower-variance variant for token models (authors' code):   variance_reduced_estimates
       2 prod_j P(y_j | y_<j) exact, collision term exact for the n-th token
   evaluation at positions of the val split                   eval_windows, brier_eval, evaluate_objective
@@ -18,16 +18,14 @@ two independent continuations per position, never a probability. That one interf
 (ancestral sampling), MTP (its next-token head) and CALM (sampled vectors decoded into K-token chunks; contexts
 end at chunk boundaries because the context length is a multiple of args.chunk_size).
 """
-import argparse
 import math
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpt import UserError
+from gpt import GPT, UserError
 
 MAX_N = 4  # the paper's BrierLM uses n = 1 .. 4
 
@@ -77,8 +75,11 @@ def variance_reduced_estimates(logits_fn, ctx, y, x1, x2, max_n=MAX_N):
 
 
 def brierlm_from_briers(briers):
-    """100 x geometric mean of Brier-1..n (the paper: n = 4); a negative product (noise) is clamped to 0."""
-    prod = max(float(np.prod(briers)), 0.0)
+    """100 x geometric mean of Brier-1..n (the paper: n = 4). A Brier-n below 0 (a confidently wrong model, or
+    noise) makes the score 0. The authors' code clamps the product instead, so that an even number of negative
+    Brier-n would give a positive score (four Brier-n of -1 would score 100); clamping each factor avoids that
+    and is identical whenever every Brier-n >= 0, the regime of every number in the paper."""
+    prod = float(np.prod(np.clip(np.asarray(briers, dtype=np.float64), 0.0, None)))
     return 100.0 * prod ** (1.0 / len(briers))
 
 
@@ -135,14 +136,17 @@ def model_device(model):
 
 
 @torch.no_grad()
-def brier_eval(model, objective, data, args, n_positions, seed, split="val", batch_positions=8,
+def brier_eval(model, objective, data, args, n_positions, seed, split="val", batch_positions=None,
                variance_reduced=False):
     """Per-position Brier-n estimates, (N, 4) numpy, from two draws per position; variance_reduced=True adds
-    the lower-variance estimates of a model with logits (N, 4) and the exact Brier-1 (N,). Deterministic in
-    seed; the global torch RNG is saved and restored, so training's random stream is untouched."""
+    the lower-variance estimates of a model with logits (N, 4) and the exact Brier-1 (N,) (valid when draw()
+    samples the model's own softmax at temperature 1, as the default draw does). Deterministic in seed (for a
+    given batch_positions); the global torch RNG is saved and restored, so training's random stream is untouched."""
     draw = get_draw(model, objective)
     device = model_device(model)
     ctx_len = context_length(args)
+    if batch_positions is None:  # keep the (2B, T, V) logits of one draw() under ~64 MB of float32
+        batch_positions = max(4, min(64, 2 ** 23 // (ctx_len * data.vocab_size)))
     was_training = model.training if isinstance(model, torch.nn.Module) else None
     if was_training:
         model.eval()
@@ -166,8 +170,9 @@ def brier_eval(model, objective, data, args, n_positions, seed, split="val", bat
                 out["sampled"].append(two_sample_estimates(x1, x2, ref).cpu())
                 if variance_reduced:
                     logits_fn = lambda idx: model(idx)[0]  # noqa: E731 (models that expose logits)
-                    out["reduced"].append(variance_reduced_estimates(logits_fn, ctx, ref, x1, x2).cpu())
-                    out["exact1"].append(exact_brier1(logits_fn(ctx)[:, -1], ref[:, 0].to(device)).cpu())
+                    reduced = variance_reduced_estimates(logits_fn, ctx, ref, x1, x2).cpu()
+                    out["reduced"].append(reduced)
+                    out["exact1"].append(reduced[:, 0])  # n = 1 has no sampled part left: the exact Brier-1
     finally:
         if was_training:
             model.train()
@@ -188,6 +193,80 @@ def evaluate_objective(model, objective, data, args):
     return summarize(est)
 
 
+# ----------------------------------------------------------------------------- checkpoints and correlations
+
+@torch.no_grad()
+def val_cross_entropy(model, objective, data, args, n_batches=20, batch_size=16, seed=0, split="val"):
+    """Mean next-token loss over n_batches fixed random windows (its own generator)."""
+    gen = torch.Generator().manual_seed(seed)
+    losses = [objective["loss"](model, *data.get_batch(split, batch_size, args.block_size, gen,
+                                                       model_device(model)), args)[0].item()
+              for _ in range(n_batches)]
+    return float(np.mean(losses))
+
+
+def score_checkpoint(path, n_positions=512, seed=0, ce_batches=20, variance_reduced=True, device="cpu"):
+    """Val cross-entropy and BrierLM (two-sample, and variance-reduced for token models) of one checkpoint,
+    with standard errors and the per-position estimates ('sampled', 'reduced', 'exact1')."""
+    from data import load_data
+    from sample import load_model
+    model, objective, saved, _ = load_model(path, device)
+    saved.device = device
+    data = load_data(saved.dataset, saved.tokenizer)
+    variance_reduced = variance_reduced and isinstance(model, GPT)  # needs next-token probabilities
+    per = brier_eval(model, objective, data, saved, n_positions, seed, variance_reduced=variance_reduced)
+    out = dict(val_loss=val_cross_entropy(model, objective, data, saved, ce_batches, seed=seed), **summarize(
+        per["sampled"]), brierlm_se=brierlm_stderr(per["sampled"]), per_position=per)
+    if variance_reduced:
+        out.update(brierlm_vr=summarize(per["reduced"])["brierlm"], brierlm_vr_se=brierlm_stderr(per["reduced"]),
+                   exact_brier1=float(per["exact1"].mean()))
+    return out
+
+
+@torch.no_grad()
+def temperature_sweep(model, data, args, temperatures, n_batches=10, batch_size=16, seed=0, split="val"):
+    """Why accuracy is not a proper score: scale a token model's logits by 1/T and measure, exactly from its
+    probabilities, the accuracy of a sample (E 1{x=y} = P_T(y)), the Brier-1 score 2 P_T(y) - sum P_T^2 and the
+    cross-entropy. Sharpening (T < 1) raises sample accuracy; the proper scores are best near the model's own
+    (T = 1) distribution. Returns {T: {'sample_acc', 'brier1', 'cross_entropy'}}."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = [data.get_batch(split, batch_size, args.block_size, gen, model_device(model)) for _ in range(n_batches)]
+    logits = [model(x)[0].flatten(0, 1).float() for x, _ in batches]  # (B*T, V) each
+    ys = [y.flatten() for _, y in batches]
+    out = {}
+    for T in temperatures:
+        acc, b1, ce = [], [], []
+        for lg, y in zip(logits, ys):
+            p = F.softmax(lg / T, -1)
+            acc.append(p.gather(1, y.view(-1, 1)).mean().item())
+            b1.append(exact_brier1(lg / T, y).mean().item())
+            ce.append(F.cross_entropy(lg / T, y).item())
+        out[T] = dict(sample_acc=float(np.mean(acc)), brier1=float(np.mean(b1)), cross_entropy=float(np.mean(ce)))
+    return out
+
+
+def pearson(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")  # undefined for a constant series
+
+
+def ranks(a):
+    """Ranks 1..n, ties sharing their average rank (what Spearman's coefficient needs)."""
+    a = np.asarray(a, dtype=np.float64)
+    order = np.argsort(a, kind="stable")
+    r = np.empty(len(a))
+    r[order] = np.arange(1, len(a) + 1)
+    for v in np.unique(a):
+        r[a == v] = r[a == v].mean()
+    return r
+
+
+def spearman(a, b):
+    return pearson(ranks(a), ranks(b))
+
+
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
@@ -198,7 +277,7 @@ def main(argv=None):
     parser.add_argument("--ckpt", default="out/ntp/ckpt.pt")
     parser.add_argument("--positions", type=int, default=None, help="val positions (default: the checkpoint's "
                                                                         "brier_positions, at least 256)")
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=int, default=None, help="default: the checkpoint's seed (what train.py used)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--exact", action="store_true", help="token models: also the exact Brier-1 and the "
@@ -209,9 +288,10 @@ def main(argv=None):
         model, objective, saved, _ = load_model(a.ckpt, device)
         saved.device = device
         n = a.positions if a.positions is not None else max(256, getattr(saved, "brier_positions", 0))
+        a.seed = saved.seed if a.seed is None else a.seed
         data = load_data(saved.dataset, saved.tokenizer)
-        if a.exact and objective.get("draw") is not None:
-            raise UserError("--exact needs a model with next-token probabilities (a token model, e.g. ntp)")
+        if a.exact and not isinstance(model, GPT):
+            raise UserError("--exact needs a model with next-token probabilities (a plain GPT, e.g. ntp)")
         r = brier_eval(model, objective, data, saved, n, a.seed, a.split, variance_reduced=a.exact)
         print(f"{a.ckpt}: {n} positions of {data.name}/{a.split}, seed {a.seed}, context {context_length(saved)}")
         rows = [("sampled (two-sample)", r["sampled"])] + ([("variance-reduced", r["reduced"])] if a.exact else [])

@@ -204,11 +204,13 @@ class GPT(nn.Module):
         cache = None
         for _ in range(max_new_tokens):
             if cache is not None and len(cache) < self.config.block_size:
-                logits, _ = self(idx[:, -1:], cache=cache)  # one new token; the rest is cached
+                new, start = idx[:, -1:], len(cache)  # one new token; the rest is cached
             else:  # first step, or the window is full: encode the last block_size tokens afresh
                 cache = KVCache(len(self.blocks)) if use_cache else None
-                logits, _ = self(idx[:, -self.config.block_size:], cache=cache)
-            idx = torch.cat([idx, sample_logits(logits[:, -1], temperature, top_k, generator)], dim=1)
+                new, start = idx[:, -self.config.block_size:], 0
+            h = self.body(self.embed(new, start), start, cache)
+            logits = self.lm_head(h[:, -1])  # (B, V): only the last position is sampled from
+            idx = torch.cat([idx, sample_logits(logits, temperature, top_k, generator)], dim=1)
         return idx
 
 
