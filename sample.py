@@ -33,22 +33,27 @@ def main(argv=None):
     parser.add_argument("--ckpt", default="out/ntp/ckpt.pt")
     parser.add_argument("--prompt", default="\n")
     parser.add_argument("--max_new_tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--temperature", type=float, default=None, help="0 is greedy; default 0.8 (calm: 1)")
     parser.add_argument("--top_k", type=int, default=200)
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--speculative", action="store_true", help="self-speculative decoding (mtp checkpoints)")
+    parser.add_argument("--temp_sampler", choices=["batch", "exact"], default=None,
+                        help="calm checkpoints: likelihood-free temperature sampler (default: the training setting)")
     try:
         args = parser.parse_args(argv)
-        if args.temperature < 0:
-            raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
         if args.max_new_tokens < 1:
             raise UserError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
         device = pick_device(args.device)
         model, objective, saved, tokenizer = load_model(args.ckpt, device)
-        for k in ("max_new_tokens", "temperature", "top_k", "speculative"):
-            setattr(saved, k, getattr(args, k))
+        if args.temperature is None:
+            args.temperature = objective.get("default_temperature", 0.8)
+        if args.temperature < 0:
+            raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+        for k in ("max_new_tokens", "temperature", "top_k", "speculative", "temp_sampler"):
+            if getattr(args, k) is not None:
+                setattr(saved, k, getattr(args, k))
         try:
             ids = tokenizer.encode(args.prompt.replace("\\n", "\n"))
         except Exception as e:

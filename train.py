@@ -11,6 +11,7 @@ An objective is a dict, defined next to its paper (NTP below, the others in mtp.
                                                   (MTP's memory-efficient schedule); returns what loss returns
   evaluate(model, data, args) -> {name: float}    optional extra eval metrics
   generate(model, idx, args, generator) -> idx    sample args.max_new_tokens tokens after idx (1, T)
+  default_temperature                             optional: sampling temperature when none is given (0.8)
   draw(model, ctx, n_tokens, generator, args)     optional: (B, n_tokens) sampled continuations of ctx (B, T),
                                                   what BrierLM needs (default: generate at temperature 1)
 The loop below knows nothing else about any objective.
@@ -147,6 +148,7 @@ def parse_args(argv=None):
     args.lr_decay_iters = args.max_iters if args.lr_decay_iters is None else args.lr_decay_iters
     for k, v in SAMPLE_FLAGS.items():
         setattr(args, k, v)
+    args.temperature = objective.get("default_temperature", args.temperature)  # CALM's T must be 1/n
     args.max_new_tokens = args.sample_tokens
     for name in ("batch_size", "max_iters", "eval_iters", "block_size", "n_layer", "grad_accum"):
         if getattr(args, name) < 1:

@@ -1,0 +1,99 @@
+"""Generation speed: CALM (one vector = K tokens per backbone step) against next-token prediction with the same
+backbone, both with a KV cache, batch 1. Random weights (speed does not depend on training).
+
+    python bench_calm.py [--K 4] [--tokens 256] [--n_layer 4 --n_embd 128 --n_head 4] [--device cpu|cuda]
+
+Reports backbone steps per generated token, tokens/s, and where CALM's time goes (backbone, input compression,
+energy head, autoencoder decoder), each timed by synchronised wall clock around the module calls.
+"""
+import argparse
+import time
+from collections import defaultdict
+from types import SimpleNamespace
+
+import torch
+
+import calm
+from gpt import GPT, GPTConfig
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(obj, attr, name, totals, device):
+    """Replace obj.attr (a method) by a copy that adds its wall-clock time to totals[name]."""
+    method = getattr(obj, attr)
+
+    def wrapper(*a, **k):
+        sync(device)
+        t = time.perf_counter()
+        out = method(*a, **k)
+        sync(device)
+        totals[name] += time.perf_counter() - t
+        totals["calls of " + name] += 1
+        return out
+    setattr(obj, attr, wrapper)
+
+
+def run(fn, device, repeats):
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--K", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--n_layer", type=int, default=4)
+    p.add_argument("--n_head", type=int, default=4)
+    p.add_argument("--n_embd", type=int, default=128)
+    p.add_argument("--vocab_size", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args(argv)
+    dev, n = a.device, a.tokens
+    block = (n + 64) // a.K * a.K                                     # the whole generation fits one window
+    gcfg = GPTConfig(block_size=block, vocab_size=a.vocab_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd)
+    args = SimpleNamespace(**{f.name: f.default for f in calm.fields(calm.CALMConfig)}, block_size=block)
+    args.chunk_size = a.K
+    torch.manual_seed(0)
+    ntp = GPT(gcfg).to(dev).eval()
+    model = calm.CALM(gcfg, args).to(dev).eval()
+    prompt = torch.zeros(1, a.K, dtype=torch.long, device=dev)
+    gen = torch.Generator(dev).manual_seed(0)
+
+    t_ntp = run(lambda: ntp.generate(prompt, n, temperature=1.0, generator=gen), dev, a.repeats)
+    t_calm = run(lambda: calm.generate_chunks(model, prompt, n // a.K, gen), dev, a.repeats)
+    totals = defaultdict(float)
+    for obj, attr, name in [(model.backbone, "body", "backbone"), (model.compress, "forward", "input compression"),
+                            (model.head, "forward", "energy head"), (model.ae, "decode", "decoder")]:
+        timed(obj, attr, name, totals, dev)
+    sync(dev)
+    t0 = time.perf_counter()
+    calm.generate_chunks(model, prompt, n // a.K, gen)
+    sync(dev)
+    total = time.perf_counter() - t0
+
+    times = {k: v for k, v in totals.items() if not k.startswith("calls")}
+    steps = totals["calls of backbone"] / n
+    print(f"device {dev} | backbone {a.n_layer}L x {a.n_embd}d, vocab {a.vocab_size} | {n} new tokens, batch 1")
+    print(f"NTP       : 1.000 backbone steps/token | {n / t_ntp:8,.0f} tok/s")
+    print(f"CALM K={a.K}  : {steps:.3f} backbone steps/token | {n / t_calm:8,.0f} tok/s | "
+          f"speed-up {t_ntp / t_calm:.2f}x (physical limit of the step count: {a.K}x)")
+    print("CALM time split (one instrumented run): " + ", ".join(
+        f"{k} {100 * v / total:.0f}%" for k, v in times.items()) +
+        f", other (sampling glue, concatenation) {100 * (total - sum(times.values())) / total:.0f}%")
+    return dict(ntp_tok_s=n / t_ntp, calm_tok_s=n / t_calm, calm_steps_per_token=steps,
+                split={k: v / total for k, v in times.items()})
+
+
+if __name__ == "__main__":
+    main()

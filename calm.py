@@ -1,0 +1,497 @@
+"""CALM: Continuous Autoregressive Language Models (Shao, Li, Meng, Zhou, arXiv 2510.27688, 2025).
+Paper note: ../shared/papers/calm.md. One step predicts one continuous vector that stands for K tokens.
+
+    python train.py --objective autoencoder --tokenizer bytes --chunk_size 4     # K tokens <-> one latent vector
+    python train.py --objective calm --tokenizer bytes                           # trains/reuses an autoencoder first
+    python sample.py --ckpt out/calm/ckpt.pt --prompt "ROMEO:" --temperature 1   # T must be 1/n (0.5, 0.333.., ...)
+
+Paper -> code
+  sec. 2  autoencoder, context-free (each K-chunk alone)   Autoencoder.encode / .decode (residual SwiGLU MLPs)
+          variational posterior z = mu + sigma*eps,         ae_loss: K * CE + kl_weight * sum_d max(KL_d, kl_clip)
+          KL clipped per dimension, latent dropout, masking
+          robustness: accuracy with Gaussian noise on z    ae_evaluate (recon_acc, recon_acc_noisy)
+  sec. 3  backbone over chunks; input = the previous chunk's K tokens, embedded and compressed
+          Linear(K d -> 2d) -> SiLU -> Linear(2d -> d) -> LayerNorm                           CALM.chunk_inputs
+          energy head: noise + condition -> latent in one pass (residual MLP blocks)          EnergyHead
+          energy loss (negative energy score, strictly proper for alpha in (0, 2))            energy_loss
+  sec. 4  BrierLM: brierlm.py, through draw() below (samples only, never probabilities)
+  sec. 5  likelihood-free temperature: exact rejection for T = 1/n                            sample_exact
+          approximate batch version (what generation uses)                                    sample_batch
+  ablation: deterministic regression head (--head mse)                                         calm_loss
+
+Defaults are scaled down for a 2-core CPU; the paper uses latent_dim 128, ae_dim 512, ae_layers 2, noise_size 64,
+head_layers 4, N = 8 model samples, M = 100 target samples, alpha = 1, kl_weight 1e-3, kl_clip 0.5, p = 0.15.
+Our additions: a learned start vector is the first backbone input (predicts chunk 0, so every position of a
+window is trained); prompts are left-padded with token 0 to a multiple of K.
+"""
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt import GPT, GPTConfig, KVCache, UserError
+
+
+@dataclass
+class AEConfig:
+    chunk_size: int = 4           # K tokens per latent vector (paper 4)
+    latent_dim: int = 32          # l (paper 128)
+    ae_dim: int = 128             # autoencoder width d (paper 512; SwiGLU hidden = 2.5 d as the paper's 1280)
+    ae_layers: int = 1            # residual MLP layers per encoder/decoder stage (paper 2)
+    variational: bool = True      # False: plain autoencoder z = mu (the ablation)
+    kl_weight: float = 1e-3
+    kl_clip: float = 0.5          # per-dimension KL floor
+    latent_dropout: float = 0.15  # dropout on z (training only)
+    mask_prob: float = 0.15       # input tokens replaced by id 0 (training only)
+    eval_noise: float = 0.3       # sigma of the Gaussian noise in the robustness metric
+
+
+@dataclass
+class CALMConfig(AEConfig):
+    autoencoder: str = None       # path of a trained autoencoder ckpt; None: <out_dir>/autoencoder, trained if absent
+    ae_iters: int = 600           # iterations when the autoencoder is trained first
+    head: str = "energy"          # 'energy' (the paper) or 'mse' (deterministic regression ablation)
+    head_layers: int = 2          # residual blocks of the energy head (paper 4)
+    noise_size: int = 32          # uniform noise dimensions (paper 64)
+    num_samples: int = 8          # N model samples per position (paper 8)
+    num_target_samples: int = 32  # M samples of the autoencoder posterior (paper 100)
+    alpha: float = 1.0            # energy-score exponent, in (0, 2)
+    temp_sampler: str = "batch"   # 'batch' (approximate, paper's generation) or 'exact' (rejection)
+    temp_candidates: int = 200    # candidates of the batch sampler (paper 200)
+
+
+AE_FIELDS = [f.name for f in fields(AEConfig)]
+
+
+def chunk_size(args, block_size=None):
+    K, T = args.chunk_size, block_size or args.block_size
+    if K < 1 or T % K:
+        raise UserError(f"chunk_size={K} must be >= 1 and divide block_size={T}")
+    return K
+
+
+# ----------------------------------------------------------------------------- the autoencoder (sec. 2)
+
+class SwiGLULayer(nn.Module):
+    """Pre-norm residual MLP: x + W2(SiLU(W1 x) * W3 x) on RMSNorm(x); no attention (context-free)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.up, self.down = nn.RMSNorm(d), nn.Linear(d, 5 * d, bias=False), nn.Linear(5 * d // 2, d)
+
+    def forward(self, x):
+        g, v = self.up(self.norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(g) * v)
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, vocab_size, cfg):
+        super().__init__()
+        K, d, l, L = cfg.chunk_size, cfg.ae_dim, cfg.latent_dim, cfg.ae_layers
+        self.K, self.l = K, l
+        self.wte = nn.Embedding(vocab_size, d)      # also the output projection (tied)
+        self.enc_tok = nn.Sequential(*[SwiGLULayer(d) for _ in range(L)])   # per token
+        self.enc_in = nn.Linear(K * d, d)
+        self.enc_chunk = nn.Sequential(*[SwiGLULayer(d) for _ in range(L)])  # per chunk
+        self.enc_out = nn.Sequential(nn.RMSNorm(d), nn.Linear(d, 2 * l))      # [mu, log sigma]
+        self.dec_in = nn.Linear(l, d)
+        self.dec_chunk = nn.Sequential(*[SwiGLULayer(d) for _ in range(L)])
+        self.dec_out = nn.Linear(d, K * d)
+        self.dec_tok = nn.Sequential(*[SwiGLULayer(d) for _ in range(L)])
+        self.norm = nn.RMSNorm(d)
+        nn.init.normal_(self.wte.weight, std=0.02)
+
+    def encode(self, chunks):
+        """chunks (..., K) tokens -> posterior mean and log std, each (..., l)."""
+        h = self.enc_tok(self.wte(chunks))                           # (..., K, d)
+        h = self.enc_chunk(self.enc_in(h.flatten(-2)))               # (..., d)
+        mu, log_sigma = self.enc_out(h).chunk(2, dim=-1)
+        return mu, log_sigma.clamp(-12, 4)
+
+    def decode(self, z):
+        """z (..., l) -> logits (..., K, V), the output layer tied to the input embedding."""
+        h = self.dec_out(self.dec_chunk(self.dec_in(z)))             # (..., K d)
+        h = self.dec_tok(h.view(*z.shape[:-1], self.K, -1))          # (..., K, d)
+        return self.norm(h) @ self.wte.weight.t()
+
+    def hidden_states(self, idx):
+        mu = self.encode(idx.view(idx.size(0), -1, self.K))[0]       # one vector per chunk (B, T/K, l)
+        return {"layers": [mu], "attn": [], "mlp": [], "final": mu}
+
+
+def ae_loss(model, x, y, args):
+    chunks = x.view(x.size(0), -1, model.K)                          # (B, C, K): T/K independent chunks
+    inp = chunks
+    if model.training and args.mask_prob > 0:                        # random masking of input tokens
+        inp = chunks.masked_fill(torch.rand(chunks.shape, device=x.device) < args.mask_prob, 0)
+    mu, log_sigma = model.encode(inp)                                # (B, C, l)
+    kl = torch.zeros((), device=x.device)
+    z = mu
+    if args.variational:
+        if model.training:
+            z = mu + log_sigma.exp() * torch.randn_like(mu)          # reparameterised posterior sample
+        kl_d = 0.5 * (mu ** 2 + (2 * log_sigma).exp() - 1 - 2 * log_sigma)  # KL(N(mu, s^2) || N(0, 1)) per dim
+        kl = kl_d.clamp(min=args.kl_clip).sum(-1).mean()             # clipped per dimension, summed, mean over chunks
+    z = F.dropout(z, args.latent_dropout, model.training)
+    logits = model.decode(z)                                         # (B, C, K, V)
+    ce = F.cross_entropy(logits.flatten(0, -2), chunks.flatten())
+    acc = (logits.argmax(-1) == chunks).float().mean()
+    return model.K * ce + args.kl_weight * kl, {"ce": ce.item(), "kl": kl.item(), "acc": acc.item()}
+
+
+@torch.no_grad()
+def reconstruction_accuracy(ae, chunks, sigma=0.0, generator=None):
+    """Token accuracy of argmax(decode(mu + sigma * eps)) against the chunks (..., K)."""
+    mu = ae.encode(chunks)[0]
+    noise = torch.randn(mu.shape, generator=generator, device=mu.device) if sigma > 0 else 0
+    return (ae.decode(mu + sigma * noise).argmax(-1) == chunks).float().mean().item()
+
+
+@torch.no_grad()
+def ae_evaluate(model, data, args, sigmas=None, n_batches=None):
+    """Held-out reconstruction accuracy, clean and with latent noise (dict keys recon_acc, recon_acc_noisy)."""
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    x = torch.cat([data.get_batch("val", args.batch_size, args.block_size, gen, args.device)[0]
+                   for _ in range(n_batches or args.eval_iters)]).view(-1, model.K)
+    noise_gen = torch.Generator(x.device).manual_seed(args.seed + 3)
+    if sigmas is not None:
+        return {s: reconstruction_accuracy(model, x, s, noise_gen) for s in sigmas}
+    return {"recon_acc": reconstruction_accuracy(model, x),
+            "recon_acc_noisy": reconstruction_accuracy(model, x, args.eval_noise, noise_gen)}
+
+
+def build_ae(gcfg, args, data):
+    chunk_size(args)
+    args.brier_positions = 0  # an autoencoder is no language model: no BrierLM; sample.py shows a round trip
+    return Autoencoder(gcfg.vocab_size, args)
+
+
+# ----------------------------------------------------------------------------- the energy head and loss (sec. 3)
+
+class HeadBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(2 * d, d), nn.SiLU(), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 2 * d))
+        self.down = nn.Linear(d, d)
+
+    def forward(self, x, c):
+        g, v = self.mlp(torch.cat([self.norm(x), c], dim=-1)).chunk(2, dim=-1)
+        return x + self.down(F.silu(g) * v)
+
+
+class EnergyHead(nn.Module):
+    """h (..., d) and uniform noise -> one latent sample (..., l) per forward pass (no diffusion steps)."""
+
+    def __init__(self, d, l, noise_size, n_layers):
+        super().__init__()
+        self.noise_size = noise_size
+        self.noise_in, self.cond_in = nn.Sequential(nn.Linear(noise_size, d), nn.LayerNorm(d)), \
+            nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
+        self.blocks = nn.ModuleList([HeadBlock(d) for _ in range(n_layers)])
+        self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, l))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, h, n, generator=None, deterministic=False):
+        """n samples for every condition: (n, ..., l). deterministic: noise fixed at 0 (the MSE head)."""
+        u = torch.rand(n, *h.shape[:-1], self.noise_size, generator=generator, device=h.device) - 0.5
+        x, c = self.noise_in(u * (not deterministic)), self.cond_in(h).expand(n, *h.shape)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.out(x)
+
+
+def energy_loss(x, y, alpha=1.0):
+    """Negative energy score, unbiased: x (N, P, l) model samples, y (M, P, l) target samples -> (P,)
+    2/(NM) sum_nm |x_n - y_m|^a - 1/(N(N-1)) sum_{n != n'} |x_n - x_n'|^a   (strictly proper for a in (0, 2))."""
+    N = x.size(0)
+    dist = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1).clamp_min(1e-12) ** (alpha / 2)  # noqa: E731
+    fit = dist(x, y).mean((0, 1))                                    # (P,) E|X - Y|^a
+    spread = dist(x, x).sum((0, 1)) / (N * (N - 1))                  # (P,) diagonal terms are ~0
+    return 2 * fit - spread
+
+
+# ----------------------------------------------------------------------------- the CALM model
+
+class CALM(nn.Module):
+    def __init__(self, gcfg, args):
+        super().__init__()
+        K, d = chunk_size(args, gcfg.block_size), gcfg.n_embd
+        self.K, self.head_kind = K, args.head
+        if args.head not in ("energy", "mse"):
+            raise UserError(f"--head must be 'energy' or 'mse', got {args.head!r}")
+        self.backbone = GPT(GPTConfig(**{**gcfg.__dict__, "block_size": gcfg.block_size // K}))  # over chunks
+        self.compress = nn.Sequential(nn.Linear(K * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.LayerNorm(d))
+        self.start = nn.Parameter(torch.randn(d) * 0.02)
+        self.head = EnergyHead(d, args.latent_dim, args.noise_size, args.head_layers)
+        self.ae = Autoencoder(gcfg.vocab_size, args).requires_grad_(False)  # frozen
+        self.n_chunks = gcfg.block_size // K
+
+    def chunk_inputs(self, idx):
+        """idx (B, C*K) tokens -> (B, C, d): each chunk's K token embeddings concatenated and compressed."""
+        e = self.backbone.wte(idx.view(idx.size(0), -1, self.K))    # (B, C, K, d)
+        return self.compress(e.flatten(-2))
+
+    def with_start(self, x):
+        return torch.cat([self.start.expand(x.size(0), 1, -1), x], dim=1)  # (B, 1 + C, d)
+
+    def hidden_states(self, idx):
+        """Same dict as GPT.hidden_states, one vector per chunk: the state after reading chunk i (B, T/K, d)."""
+        if idx.size(1) % self.K:
+            raise UserError(f"hidden_states needs a length that is a multiple of K={self.K}, got {idx.size(1)}")
+        if idx.size(1) // self.K + 1 > self.backbone.config.block_size:  # + 1: the start vector comes first
+            raise UserError(f"CALM reads a start vector first: hidden_states takes at most "
+                            f"{(self.backbone.config.block_size - 1) * self.K} tokens, got {idx.size(1)}")
+        x = self.with_start(self.chunk_inputs(idx))                    # (B, 1 + C, d)
+        collect = {"layers": [x], "attn": [], "mlp": []}
+        collect["final"] = self.backbone.body(x, 0, None, collect)
+        return {k: ([t[:, 1:] for t in v] if isinstance(v, list) else v[:, 1:]) for k, v in collect.items()}
+
+    @torch.no_grad()
+    def decode_tokens(self, z):
+        return self.ae.decode(z).argmax(-1)                          # (..., K)
+
+
+def calm_loss(model, x, y, args):
+    """Sec. 3: energy loss of the next chunk's latent at every chunk position, averaged over positions
+    (--head mse: squared error to the posterior mean, the deterministic ablation)."""
+    B, T = x.shape
+    C = T // model.K
+    inp = model.with_start(model.chunk_inputs(x[:, :T - model.K]))  # start, chunks 0 .. C-2: (B, C, d)
+    h = model.backbone.body(inp)                                      # (B, C, d): h_i predicts chunk i
+    with torch.no_grad():                                             # targets from the frozen posterior
+        mu, log_sigma = model.ae.encode(x.view(B, C, model.K))       # (B, C, l)
+    if model.head_kind == "mse":
+        pred = model.head(h, 1, deterministic=True)[0]               # one deterministic vector
+        loss = ((pred - mu) ** 2).sum(-1).mean()
+        return loss, {"mse": loss.item()}
+    xs = model.head(h, args.num_samples)                             # (N, B, C, l)
+    eps = torch.randn(args.num_target_samples, *mu.shape, device=x.device)
+    sigma = log_sigma.exp() if args.variational else torch.zeros_like(mu)  # a plain AE's "posterior" is mu
+    ys = mu + sigma * eps                                            # (M, B, C, l) posterior samples
+    loss = energy_loss(xs.flatten(1, 2), ys.flatten(1, 2), args.alpha).mean()
+    return loss, {}
+
+
+# ----------------------------------------------------------------------------- temperature (sec. 5)
+
+def temperature_power(T):
+    """T = 1/n -> n; anything else is a one-line error (non-integer 1/T needs a Bernoulli factory: not here)."""
+    if T is None or T <= 0 or T > 1 or abs(1 / T - round(1 / T)) > 1e-3:
+        raise UserError(f"CALM temperature must be 1/n for an integer n >= 1 (1, 0.5, 0.333..), got {T}")
+    return round(1 / T)
+
+
+def sample_exact(draw, n, max_rounds=10000, batch=64):
+    """Exact sample from p^n / sum p^n with a black-box sampler draw(m) -> (m, K): draw n samples, accept when
+    all n are identical, else retry. Cost: 1 / sum_x p(x)^n rounds of n draws. None after max_rounds."""
+    for _ in range(0, max_rounds, batch):
+        s = draw(batch * n).view(batch, n, -1)                       # (rounds, n, K)
+        ok = (s == s[:, :1]).all(-1).all(-1).nonzero()
+        if len(ok):
+            return s[ok[0, 0], 0]
+    return None
+
+
+def sample_batch(draw, n, candidates=200, generator=None):
+    """Approximate version: draw `candidates` samples once; for m = n .. 1, among distinct values seen >= m times
+    pick one with weight C(count, m) (its number of accepted m-subsets). Cost: one batch of candidates."""
+    s = draw(candidates)                                             # (N, K)
+    counts = Counter(tuple(r) for r in s.tolist())
+    for m in range(n, 0, -1):
+        keep = [(v, math.comb(c, m)) for v, c in counts.items() if c >= m]
+        if keep:
+            w = torch.tensor([float(c) for _, c in keep])
+            i = torch.multinomial(w / w.sum(), 1, generator=generator).item()
+            return torch.tensor(keep[i][0], device=s.device)
+
+
+# ----------------------------------------------------------------------------- generation
+
+@torch.no_grad()
+def next_chunks(model, h, generator=None, temperature=1.0, sampler="batch", candidates=200):
+    """One K-token chunk per row of h (B, d): head sample -> decoder argmax. Temperature 1/n: 'exact' rejection
+    (falls back to 'batch' after 10k rounds without agreement) or the 'batch' approximation, per row."""
+    deterministic = model.head_kind == "mse"
+    n = temperature_power(temperature)
+    if n == 1:
+        return model.decode_tokens(model.head(h, 1, generator, deterministic)[0])     # (B, K)
+    out = []
+    for row in h:
+        draw = lambda m: model.decode_tokens(model.head(row, m, generator, deterministic))  # noqa: E731 (m, K)
+        chunk = sample_exact(draw, n) if sampler == "exact" else None
+        out.append(chunk if chunk is not None else sample_batch(draw, n, candidates, generator))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def generate_chunks(model, idx, n_chunks, generator=None, temperature=1.0, sampler="batch", candidates=200):
+    """Append n_chunks * K tokens to idx (B, T), T a multiple of K: one backbone step per chunk, KV cache; a full
+    window (start + C-1 chunks) is re-encoded from its last chunks, as GPT.generate does."""
+    cache, C = None, model.n_chunks
+    for _ in range(n_chunks):
+        if cache is not None and len(cache) < C:
+            h = model.backbone.body(model.chunk_inputs(idx[:, -model.K:]), len(cache), cache)
+        else:
+            cache = KVCache(len(model.backbone.blocks))
+            ctx = idx[:, idx.size(1) - min(idx.size(1), (C - 1) * model.K):]
+            h = model.backbone.body(model.with_start(model.chunk_inputs(ctx)), 0, cache)
+        idx = torch.cat([idx, next_chunks(model, h[:, -1], generator, temperature, sampler, candidates)], dim=1)
+    return idx
+
+
+def calm_generate(model, idx, args, generator=None):
+    """sample.py / train.py: args.max_new_tokens tokens after idx (1, T), vector by vector; top_k is ignored."""
+    temperature_power(args.temperature)
+    if args.temperature < 1 and args.temp_sampler not in ("batch", "exact"):
+        raise UserError(f"--temp_sampler must be 'batch' or 'exact', got {args.temp_sampler!r}")
+    pad = (-idx.size(1)) % model.K                                   # left-pad the prompt to a multiple of K
+    padded = F.pad(idx, (pad, 0), value=0)
+    out = generate_chunks(model, padded, -(-args.max_new_tokens // model.K), generator, args.temperature,
+                          args.temp_sampler, args.temp_candidates)
+    return out[:, pad:pad + idx.size(1) + args.max_new_tokens]
+
+
+def calm_draw(model, ctx, n_tokens, generator, args, temperature=1.0):
+    """BrierLM's sampler: (B, n_tokens) continuations of ctx (B, T), T a multiple of K."""
+    if ctx.size(1) % model.K:
+        raise UserError(f"CALM contexts must be a multiple of K={model.K} tokens, got {ctx.size(1)}")
+    out = generate_chunks(model, ctx, -(-n_tokens // model.K), generator, temperature,
+                          getattr(args, "temp_sampler", "batch"), getattr(args, "temp_candidates", 200))
+    return out[:, ctx.size(1):ctx.size(1) + n_tokens]
+
+
+# ----------------------------------------------------------------------------- build: find or train the autoencoder
+
+def load_autoencoder(path, args, tokenizer_name):
+    """An autoencoder checkpoint's weights and args; mismatched K, latent dim or tokenizer is a UserError."""
+    from train import load_checkpoint
+    ckpt = load_checkpoint(path)
+    if ckpt.get("objective") != "autoencoder":
+        raise UserError(f"{path} is a {ckpt.get('objective')!r} checkpoint, not an autoencoder")
+    saved = ckpt["args"]
+    for k, mine in (("chunk_size", args.chunk_size), ("latent_dim", args.latent_dim), ("tokenizer", tokenizer_name)):
+        if saved[k] != mine:
+            raise UserError(f"autoencoder {path} has {k}={saved[k]!r} but this run uses {k}={mine!r}")
+    return ckpt
+
+
+def build_calm(gcfg, args, data):
+    chunk_size(args)
+    if data is None or getattr(args, "resume", False):               # sample.py / resume: weights come from ckpt
+        return CALM(gcfg, args)
+    path = args.autoencoder
+    if path is None:
+        path = os.path.join(args.out_dir, "autoencoder", "ckpt.pt")
+        if os.path.exists(path):
+            print(f"calm: reusing the autoencoder at {path}")
+        else:
+            print(f"calm: no --autoencoder given: training one first ({args.ae_iters} iterations) into {path}")
+            import train
+            flags = dict(objective="autoencoder", out_dir=os.path.dirname(path), dataset=data.name,
+                         tokenizer=data.tokenizer.name, device=args.device, seed=args.seed, block_size=args.block_size,
+                         batch_size=args.batch_size, max_iters=args.ae_iters, eval_interval=args.ae_iters,
+                         eval_iters=args.eval_iters, brier_positions=0, sample_tokens=0, warmup_iters=30,
+                         learning_rate=3e-3, log_interval=max(1, args.ae_iters // 10),
+                         **{k: getattr(args, k) for k in AE_FIELDS})
+            train.main([s for k, v in flags.items() for s in (f"--{k}", str(v))])
+    ckpt = load_autoencoder(path, args, data.tokenizer.name)
+    for k in AE_FIELDS:                                              # the CALM ckpt describes the AE inside it
+        setattr(args, k, ckpt["args"][k])
+    args.autoencoder = path
+    model = CALM(gcfg, args)
+    model.ae.load_state_dict(ckpt["model"])
+    print(f"calm: autoencoder {path}: held-out recon_acc {ckpt['metrics'].get('recon_acc', float('nan')):.4f}")
+    return model
+
+
+def calm_evaluate(model, data, args):
+    """Reconstruction accuracy of the frozen autoencoder inside, for the record (BrierLM comes from brierlm.py)."""
+    return {"ae_recon_acc": ae_evaluate(model.ae, data, args, n_batches=2)["recon_acc"]}
+
+
+@torch.no_grad()
+def ae_generate(model, idx, args, generator=None):
+    """An autoencoder does not continue text: it returns the prompt's round trip decode(encode(prompt))."""
+    pad = (-idx.size(1)) % model.K
+    chunks = F.pad(idx, (pad, 0), value=0).view(idx.size(0), -1, model.K)
+    return model.decode(model.encode(chunks)[0]).argmax(-1).flatten(1)[:, pad:]
+
+
+# ----------------------------------------------------------------------------- compute accounting
+
+def train_flops_per_token(model, args):
+    """Approximate training FLOPs per token (6 x weights touched, forward + backward): the backbone and its input
+    compression run once per chunk, the head N times per chunk, the frozen encoder forward only (2 x) once per
+    chunk. Attention-score FLOPs are left out, as in the 6N rule."""
+    count = lambda m: sum(p.numel() for n, p in m.named_parameters() if p.dim() >= 2 and "wte" not in n)  # noqa
+    if not isinstance(model, CALM):
+        return 6 * count(model) + 6 * model.config.n_embd * model.config.vocab_size   # GPT: blocks + lm_head
+    enc = count(model.ae.enc_tok) + count(model.ae.enc_in) + count(model.ae.enc_chunk) + count(model.ae.enc_out)
+    n_head = 1 if model.head_kind == "mse" else args.num_samples
+    per_chunk = 6 * (count(model.backbone) + count(model.compress)) + 6 * n_head * count(model.head) + 2 * enc
+    return per_chunk / model.K
+
+
+# ----------------------------------------------------------------------------- measurements for the tutorial
+
+def train_quietly(argv):
+    """train.main(argv) with its progress lines captured: (metrics, captured text)."""
+    import contextlib, io, train  # noqa: E401
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        metrics = train.main(argv)
+    return metrics, buf.getvalue()
+
+
+def sampler_at(model, temperature):
+    """A draw() for brierlm at a temperature: CALM's likelihood-free sampler, or softmax(logits / T) for a GPT."""
+    if isinstance(model, CALM):
+        return lambda m, ctx, n, gen, args: calm_draw(m, ctx, n, gen, args, temperature)
+    return lambda m, ctx, n, gen, args: m.generate(ctx, n, temperature=temperature, generator=gen)[:, -n:]
+
+
+def brier_scores(model, data, args, n_positions=256, temperature=1.0, seed=0):
+    """Brier-1..4 and BrierLM of any model here (brierlm.py, two samples per position)."""
+    import brierlm
+    est = brierlm.brier_eval(model, {"draw": sampler_at(model, temperature)}, data, args, n_positions, seed)
+    return brierlm.summarize(est["sampled"])
+
+
+@torch.no_grad()
+def distinct_ngrams(model, data, args, temperature=1.0, n_prompts=16, length=32, n=2, seed=0):
+    """Diversity: distinct n-grams / all n-grams over `length`-token continuations of fixed val prompts."""
+    gen = torch.Generator().manual_seed(seed)
+    ctx = data.get_batch("val", n_prompts, 16, gen)[0]             # the same prompts for every model
+    out = sampler_at(model, temperature)(model, ctx.to(next(model.parameters()).device), length, gen, args)
+    grams = [tuple(row[i:i + n]) for row in out.tolist() for i in range(len(row) - n + 1)]
+    return len(set(grams)) / len(grams)
+
+
+@torch.no_grad()
+def generation_speed(model, n_tokens=128, repeats=5):
+    """(backbone steps per generated token, tokens/s) for batch-1 generation with the KV cache (best of repeats)."""
+    import time
+    K = model.K if isinstance(model, CALM) else 1
+    prompt = torch.zeros(1, K, dtype=torch.long, device=next(model.parameters()).device)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        if K > 1 or isinstance(model, CALM):
+            generate_chunks(model, prompt, n_tokens // K)
+        else:
+            model.generate(prompt, n_tokens, temperature=1.0)
+        best = min(best, time.perf_counter() - t)
+    return 1 / K, n_tokens // K * K / best
+
+
+OBJECTIVES = {
+    "autoencoder": dict(config=AEConfig, build=build_ae, loss=ae_loss, evaluate=ae_evaluate, generate=ae_generate),
+    "calm": dict(config=CALMConfig, build=build_calm, loss=calm_loss, evaluate=calm_evaluate,
+                 generate=calm_generate, draw=calm_draw, default_temperature=1.0),
+}

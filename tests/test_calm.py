@@ -1,0 +1,233 @@
+"""calm.py against independent references: the closed-form energy score of Gaussians, p^n / sum p^n for the
+temperature sampler, a full forward pass for cached generation, and a real autoencoder run on Shakespeare."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import calm
+import sample
+import train
+from gpt import GPTConfig, UserError
+
+TINY = ["--dataset", "shakespeare", "--tokenizer", "bytes", "--block_size", "64", "--batch_size", "16",
+        "--eval_iters", "2", "--sample_tokens", "8", "--warmup_iters", "10", "--learning_rate", "3e-3"]
+
+
+def one_line_error(capsys, fn, *a):
+    with pytest.raises(SystemExit) as e:
+        fn(*a)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+# ----------------------------------------------------------------------------- the energy score
+
+def expected_abs(delta, s):
+    """E|Z| for Z ~ N(delta, s^2) (folded normal mean)."""
+    phi = 0.5 * (1 + math.erf(-delta / (s * math.sqrt(2))))
+    return s * math.sqrt(2 / math.pi) * math.exp(-delta ** 2 / (2 * s * s)) + delta * (1 - 2 * phi)
+
+
+def closed_form_loss(m, s):
+    """E[2|X - Y| - |X - X'|] for X, X' ~ N(m, s^2) (the model) and Y ~ N(0, 1) (the data), alpha = 1."""
+    return 2 * expected_abs(m, math.sqrt(s * s + 1)) - expected_abs(0, math.sqrt(2) * s)
+
+
+def mc_loss(m, s, N, M, P, gen):
+    x = m + s * torch.randn(N, P, 1, generator=gen, dtype=torch.float64)
+    y = torch.randn(M, P, 1, generator=gen, dtype=torch.float64)
+    return calm.energy_loss(x, y)  # (P,)
+
+
+def test_energy_loss_is_unbiased_against_the_closed_form():
+    gen = torch.Generator().manual_seed(0)
+    for (m, s) in [(0.0, 1.0), (0.7, 0.5), (-0.3, 2.0)]:
+        est = mc_loss(m, s, N=2, M=1, P=200_000, gen=gen)  # the smallest unbiased estimator, many draws
+        se = est.std().item() / math.sqrt(est.numel())
+        assert abs(est.mean().item() - closed_form_loss(m, s)) < 4 * se + 1e-3
+
+
+def test_energy_loss_matches_a_large_sample_estimate_in_several_dimensions():
+    gen = torch.Generator().manual_seed(1)
+    mu, P = torch.tensor([0.5, -1.0, 2.0]), 20_000
+    x = lambda n, p: mu + 0.8 * torch.randn(n, p, 3, generator=gen, dtype=torch.float64)  # noqa: E731
+    y = lambda n, p: torch.randn(n, p, 3, generator=gen, dtype=torch.float64)  # noqa: E731
+    small = calm.energy_loss(x(2, P), y(1, P))  # 20k independent draws of the smallest estimator
+    large = calm.energy_loss(x(3000, 1), y(3000, 1)).item()  # one estimate from 3000 + 3000 samples
+    assert abs(small.mean().item() - large) < 4 * small.std().item() / math.sqrt(P)
+
+
+def test_energy_score_is_strictly_proper_on_a_gaussian():
+    """Monte Carlo (N = 8, M = 4, 50k positions, the same random numbers for every candidate): the true N(0, 1)
+    has the lowest expected loss; shifted, under- and over-dispersed models are worse by > 10 standard errors."""
+    cands = [(0, 1), (0.5, 1), (0, 0.5), (0, 2), (0, 0.8), (0.2, 1.1)]
+    losses = {ms: mc_loss(*ms, N=8, M=4, P=50_000, gen=torch.Generator().manual_seed(2)) for ms in cands}
+    true = losses[(0, 1)]
+    for ms, loss in losses.items():
+        assert abs(loss.mean().item() - closed_form_loss(*ms)) < 0.02
+        if ms != (0, 1):
+            gap = (loss - true).mean().item()
+            assert gap > 10 * (loss - true).std().item() / math.sqrt(loss.numel())
+
+
+# ----------------------------------------------------------------------------- temperature sampling
+
+P_TOY = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+
+
+def toy_draw(gen):
+    return lambda m: torch.multinomial(P_TOY, m, replacement=True, generator=gen).view(m, 1)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_exact_temperature_sampler_gives_p_to_the_n(n):
+    gen = torch.Generator().manual_seed(n)
+    draws = torch.stack([calm.sample_exact(toy_draw(gen), n) for _ in range(3000)]).flatten()
+    freq = torch.bincount(draws, minlength=len(P_TOY)).double() / len(draws)
+    target = P_TOY.double() ** n / (P_TOY.double() ** n).sum()
+    assert 0.5 * (freq - target).abs().sum() < 0.03  # total variation; 3000 samples give ~0.01
+
+
+def test_batch_temperature_sampler_is_close_to_p_to_the_n():
+    gen = torch.Generator().manual_seed(4)
+    draws = torch.stack([calm.sample_batch(toy_draw(gen), 2, 200, gen) for _ in range(2000)]).flatten()
+    freq = torch.bincount(draws, minlength=len(P_TOY)).double() / len(draws)
+    target = P_TOY.double() ** 2 / (P_TOY.double() ** 2).sum()
+    assert 0.5 * (freq - target).abs().sum() < 0.05  # approximate: C(count, 2) weights of 200 candidates
+
+
+@pytest.mark.parametrize("T", [0, -1, 0.8, 1.5])
+def test_bad_temperature_is_a_user_error(T):
+    with pytest.raises(UserError):
+        calm.temperature_power(T)
+
+
+# ----------------------------------------------------------------------------- the model
+
+def tiny_model(K=4, block_size=32):
+    args = SimpleNamespace(**{f.name: f.default for f in calm.fields(calm.CALMConfig)})
+    args.chunk_size, args.latent_dim, args.ae_dim = K, 8, 32
+    torch.manual_seed(0)
+    return calm.CALM(GPTConfig(block_size=block_size, vocab_size=256, n_layer=2, n_head=2, n_embd=32), args), args
+
+
+def test_k_must_divide_block_size():
+    with pytest.raises(UserError, match="divide"):
+        tiny_model(K=3, block_size=32)
+
+
+def test_generation_makes_k_tokens_per_backbone_step_and_respects_the_length():
+    model = tiny_model()[0].eval()
+    calls = []
+    body = model.backbone.body
+    model.backbone.body = lambda x, *a, **k: calls.append(x.size(1)) or body(x, *a, **k)
+    args = SimpleNamespace(max_new_tokens=10, temperature=1.0, temp_sampler="batch", temp_candidates=20)
+    prompt = torch.randint(256, (1, 5))
+    out = calm.calm_generate(model, prompt, args, torch.Generator().manual_seed(0))
+    assert out.shape == (1, 15) and torch.equal(out[:, :5], prompt)
+    assert len(calls) == 3 and calls[1:] == [1, 1]  # ceil(10 / 4) steps; cached steps feed one chunk
+    calls.clear()
+    long = calm.generate_chunks(model, torch.randint(256, (2, 28)), 6, torch.Generator().manual_seed(0))
+    assert long.shape == (2, 28 + 24) and len(calls) == 6  # the 8-chunk window fills and is re-encoded
+    args.temperature = 0.5
+    assert calm.calm_generate(model, prompt, args, torch.Generator().manual_seed(0)).shape == (1, 15)
+
+
+def test_cached_chunk_steps_match_one_full_pass():
+    model, _ = tiny_model()
+    model.eval()
+    idx = torch.randint(256, (2, 24))
+    full = model.hidden_states(idx)
+    assert len(full["layers"]) == 3 and full["final"].shape == (2, 6, 32)  # one vector per chunk
+    cache = calm.KVCache(2)
+    h = [model.backbone.body(model.with_start(model.chunk_inputs(idx[:, :8])), 0, cache)[:, 1:]]
+    for i in range(2, 6):
+        h.append(model.backbone.body(model.chunk_inputs(idx[:, 4 * i:4 * i + 4]), len(cache), cache))
+    assert torch.allclose(torch.cat(h, 1), full["final"], atol=1e-5)
+
+
+def test_draw_returns_the_requested_tokens():
+    model, args = tiny_model()
+    out = calm.calm_draw(model.eval(), torch.randint(256, (3, 8)), 4, torch.Generator().manual_seed(0), args)
+    assert out.shape == (3, 4)
+    with pytest.raises(UserError):
+        calm.calm_draw(model, torch.randint(256, (3, 7)), 4, None, args)
+
+
+# ----------------------------------------------------------------------------- end to end on Shakespeare
+
+@pytest.fixture(scope="module")
+def ae_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ae")
+    metrics = train.main(TINY + ["--objective", "autoencoder", "--out_dir", str(out), "--max_iters", "300",
+                                 "--eval_interval", "300"])
+    return out / "ckpt.pt", metrics
+
+
+def test_autoencoder_reconstructs_held_out_shakespeare(ae_ckpt):
+    _, metrics = ae_ckpt
+    assert metrics["recon_acc"] >= 0.99  # held-out (val split) token accuracy at K = 4, bytes
+    assert metrics["recon_acc_noisy"] > 0.5  # sigma = 0.3 latent noise: still decodable (variational AE)
+
+
+def test_calm_trains_samples_and_refuses_other_objectives(ae_ckpt, tmp_path, capsys):
+    path, _ = ae_ckpt
+    out = tmp_path / "calm"
+    metrics = train.main(TINY + ["--objective", "calm", "--autoencoder", str(path), "--out_dir", str(out),
+                                 "--max_iters", "4", "--eval_interval", "4", "--brier_positions", "0",
+                                 "--n_layer", "2", "--n_embd", "32", "--n_head", "2"])
+    assert metrics["ae_recon_acc"] >= 0.99 and math.isfinite(metrics["val_loss"])
+    assert "sample:" in capsys.readouterr().out
+    sample.main(["--ckpt", str(out / "ckpt.pt"), "--prompt", "ROMEO:", "--max_new_tokens", "9", "--temperature",
+                 "0.5"])
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    err = one_line_error(capsys, sample.main, ["--ckpt", str(out / "ckpt.pt"), "--temperature", "0"])
+    assert "1/n" in err
+    err = one_line_error(capsys, train.main, TINY + ["--objective", "autoencoder", "--out_dir", str(out),
+                                                     "--resume", "--max_iters", "8"])
+    assert "calm" in err
+    err = one_line_error(capsys, train.main, TINY + ["--objective", "calm", "--autoencoder", str(out / "ckpt.pt"),
+                                                     "--out_dir", str(tmp_path / "x")])
+    assert "not an autoencoder" in err
+
+
+@pytest.mark.parametrize("flag, value, words", [("--chunk_size", "2", "chunk_size=4"),
+                                                ("--latent_dim", "16", "latent_dim=32"),
+                                                ("--tokenizer", "gpt2", "tokenizer='bytes'")])
+def test_mismatched_autoencoder_is_a_one_line_error(ae_ckpt, tmp_path, capsys, flag, value, words):
+    err = one_line_error(capsys, train.main, TINY + ["--objective", "calm", "--autoencoder", str(ae_ckpt[0]),
+                                                     "--out_dir", str(tmp_path), flag, value])
+    assert words in err
+
+
+def test_k_not_dividing_block_size_is_a_one_line_error(tmp_path, capsys):
+    err = one_line_error(capsys, train.main, TINY + ["--objective", "autoencoder", "--chunk_size", "3",
+                                                     "--out_dir", str(tmp_path)])
+    assert "divide" in err
+
+
+def test_calm_without_autoencoder_trains_one_then_reuses_it(tmp_path, capsys):
+    flags = TINY + ["--objective", "calm", "--out_dir", str(tmp_path), "--ae_iters", "3", "--max_iters", "2",
+                    "--eval_interval", "2", "--brier_positions", "0", "--n_layer", "1", "--n_embd", "32",
+                    "--n_head", "2", "--overwrite"]
+    train.main(flags)
+    out = capsys.readouterr().out
+    assert "training one first" in out and (tmp_path / "autoencoder" / "ckpt.pt").exists()
+    train.main(flags)
+    assert "reusing the autoencoder" in capsys.readouterr().out
+    sample.main(["--ckpt", str(tmp_path / "autoencoder" / "ckpt.pt"), "--prompt", "ROMEO:", "--temperature", "1"])
+    assert len(capsys.readouterr().out) > 0  # an autoencoder "generates" its round trip of the prompt
+
+
+def test_calm_loss_runs_on_a_plain_autoencoder_and_with_the_mse_head():
+    model, args = tiny_model()
+    x = torch.randint(256, (2, 32))
+    for variational, head in ((False, "energy"), (True, "mse")):
+        args.variational, model.head_kind = variational, head
+        loss, _ = calm.calm_loss(model, x, None, args)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
