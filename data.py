@@ -8,9 +8,12 @@ Datasets:    'shakespeare'   Tiny Shakespeare (char-rnn), downloaded once; first
              'file:PATH'     any UTF-8 text file; 90% / 10% split
              'A+B'           a cross-domain mix (e.g. 'shakespeare+pystdlib'): each domain's train split cut to the
                              smaller one's length, so both are sampled equally; per-domain splits 'val:A', 'val:B'
+             'induction', 'polynomial'   the MTP paper's synthetic tasks, generated in memory with their own
+                             tokenizers and an accuracy metric (see the end of this file)
 Cache: $LMPAPERS_CACHE (default ~/.cache/lmpapers) holds downloads, token caches and the tiktoken cache
 (TIKTOKEN_CACHE_DIR is pointed inside it unless you set it yourself).
 """
+import functools
 import hashlib
 import json
 import os
@@ -76,6 +79,8 @@ def get_tokenizer(name):
         return ByteTokenizer()
     if name == "gpt2":
         return GPT2Tokenizer()
+    if name in TASKS:  # a synthetic task's own tokenizer (see the end of this file)
+        return TASKS[name][0]
     raise UserError(f"unknown tokenizer {name!r}: choose 'gpt2' or 'bytes'")
 
 
@@ -127,7 +132,7 @@ def split_texts(name):
         text = path.read_text(encoding="utf-8", errors="replace")
         n = int(0.9 * len(text))
         return {"train": [text[:n]], "val": [text[n:]]}
-    raise UserError(f"unknown dataset {name!r}: choose shakespeare, pystdlib, file:PATH or A+B")
+    raise UserError(f"unknown dataset {name!r}: choose shakespeare, pystdlib, file:PATH, A+B, induction or polynomial")
 
 
 def dataset_key(name):
@@ -213,6 +218,8 @@ def load_dataset(name, tokenizer_name):
 def load_data(dataset=None, tokenizer=None):
     """What train.py calls. None means 'the default': shakespeare / gpt2, falling back to pystdlib / bytes with a
     warning when the download is impossible. An explicit choice that cannot be downloaded is a one-line error."""
+    if dataset in TASKS:
+        return load_task(dataset, tokenizer)
     ds, tok = dataset or DEFAULT_DATASET, tokenizer or DEFAULT_TOKENIZER
     try:
         get_tokenizer(tok)
@@ -230,3 +237,186 @@ def load_data(dataset=None, tokenizer=None):
                             f"{cache_dir() / 'shakespeare' / 'input.txt'}") from None
         print(f"WARNING: {e}; falling back to --dataset {FALLBACK_DATASET}", file=sys.stderr)
         return load_dataset(FALLBACK_DATASET, tok)
+
+
+# ============================================================================= synthetic tasks (MTP paper, sec. 4)
+# Two small tasks from Gloeckle et al. (2024) on which multi-token prediction helps small models, as datasets that
+# train.py can use like any other (--dataset induction | polynomial). Every episode is BOS + content, padded to a
+# fixed length E; a training window is one whole episode (x = ep[:T], y = ep[1:T+1], padding targets = -1, which the
+# losses ignore). Each split is generated from its own seed (deterministic, no download), and each episode carries a
+# mask of its scored positions, which `TaskDataset.accuracy` uses.
+#   induction   random two-token "names" (an upper-case letter then a digit) inside lower-case filler; each name
+#               recurs; score: the name's second token at every recurrence (token accuracy; chance 10%)
+#   polynomial  expressions in the ring F_7[X]/(X^5) (coefficients mod 7, degree < 5) with m operations among
+#               + (add), * (multiply), o (compose p(q(X))), - (negate); the answer's 5 coefficients after '='.
+#               train and val: m = 1..5; 'val:ood': m = 6..8 (out of distribution); score: exact match of all 5
+
+TASK_EPISODES = {"train": 20000, "val": 1000, "val:ood": 1000}
+
+
+class CharTokenizer:
+    """One token per character of a fixed alphabet ('\\n' = beginning of episode, '_' = padding)."""
+
+    def __init__(self, name, alphabet):
+        self.name, self.alphabet = name, alphabet
+        self.stoi = {c: i for i, c in enumerate(alphabet)}
+        self.vocab_size = len(alphabet)
+        self.bos, self.pad = self.stoi["\n"], self.stoi["_"]
+
+    def encode(self, text):
+        bad = sorted(set(text) - set(self.stoi))
+        if bad:
+            raise UserError(f"the {self.name} tokenizer has no symbol for {''.join(bad)!r}")
+        return [self.stoi[c] for c in text]
+
+    def decode(self, ids):
+        return "".join(self.alphabet[int(i)] for i in ids)
+
+
+INDUCTION_TOKENIZER = CharTokenizer("induction", "\n_" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                    + "0123456789")
+POLYNOMIAL_TOKENIZER = CharTokenizer("polynomial", "\n_0123456+*o-()=;")
+
+
+def induction_episode(rng, length=64, n_names=3, max_repeats=3):
+    """(text, scored character indices): `length` characters of filler with n_names two-character names, each
+    occurring 2..max_repeats+1 times; the scored indices are the second characters of every recurrence."""
+    counts = rng.integers(2, max_repeats + 2, size=n_names)
+    firsts = rng.choice(26, size=n_names, replace=False)
+    seconds = rng.integers(0, 10, size=n_names)
+    order = rng.permutation(np.repeat(np.arange(n_names), counts))            # which name at each occurrence
+    m = len(order)
+    starts = np.sort(rng.choice(length - m, size=m, replace=False)) + np.arange(m)  # non-overlapping pairs
+    chars = [chr(ord("a") + c) for c in rng.integers(0, 26, size=length)]
+    scored, seen = [], set()
+    for name, p in zip(order, starts):
+        chars[p], chars[p + 1] = chr(ord("A") + firsts[name]), str(seconds[name])
+        if name in seen:
+            scored.append(p + 1)
+        seen.add(name)
+    return "".join(chars), scored
+
+
+def poly_mul(p, q):
+    """Product in F_7[X]/(X^5): schoolbook convolution, dropping degrees >= 5."""
+    r = [0] * 5
+    for i in range(5):
+        for j in range(5 - i):
+            r[i + j] = (r[i + j] + p[i] * q[j]) % 7
+    return r
+
+
+def poly_compose(p, q):
+    """p(q(X)) in F_7[X]/(X^5), by Horner's rule on the coefficients of p."""
+    r = [0] * 5
+    for c in reversed(p):
+        r = poly_mul(r, q)
+        r[0] = (r[0] + c) % 7
+    return r
+
+
+def polynomial_expression(rng, m):
+    """(text, value): a random expression with m operations, operands written as 5 coefficients c0..c4."""
+    if m == 0:
+        p = [int(c) for c in rng.integers(0, 7, size=5)]
+        return "".join(map(str, p)), p
+    if rng.random() < 0.25:  # unary negation
+        text, p = polynomial_expression(rng, m - 1)
+        return "-" + text, [(-c) % 7 for c in p]
+    k = int(rng.integers(0, m))
+    (lt, lp), (rt, rp) = polynomial_expression(rng, k), polynomial_expression(rng, m - 1 - k)
+    op = "+*o"[int(rng.integers(0, 3))]
+    value = {"+": lambda: [(a + b) % 7 for a, b in zip(lp, rp)], "*": lambda: poly_mul(lp, rp),
+             "o": lambda: poly_compose(lp, rp)}[op]()
+    return f"({lt}{op}{rt})", value
+
+
+def polynomial_episode(rng, min_ops=1, max_ops=5):
+    """(text, scored character indices): 'expression=c0c1c2c3c4;' with the 5 answer characters scored."""
+    expr, value = polynomial_expression(rng, int(rng.integers(min_ops, max_ops + 1)))
+    text = f"{expr}={''.join(map(str, value))};"
+    return text, list(range(len(expr) + 1, len(expr) + 6))
+
+
+TASKS = {  # name: (tokenizer, episode length E incl. BOS, split -> episode maker, metric)
+    "induction": (INDUCTION_TOKENIZER, 65, {s: induction_episode for s in ("train", "val")}, "token"),
+    "polynomial": (POLYNOMIAL_TOKENIZER, 81, {"train": polynomial_episode, "val": polynomial_episode,
+                                               "val:ood": lambda rng: polynomial_episode(rng, 6, 8)}, "exact"),
+}
+
+
+@functools.lru_cache(maxsize=None)  # generated once per process
+def make_task_split(task, split, n_episodes, seed):
+    """(tokens (N, E) uint8, scored (N, E) bool), deterministic given the seed; scored marks answer tokens."""
+    tok, E, makers, _ = TASKS[task]
+    rng = np.random.default_rng(seed)
+    tokens = np.full((n_episodes, E), tok.pad, dtype=np.uint8)
+    scored = np.zeros((n_episodes, E), dtype=bool)
+    for n in range(n_episodes):
+        text, answer = makers[split](rng)
+        ids = [tok.bos] + tok.encode(text)
+        assert len(ids) <= E, f"{task} episode of {len(ids)} tokens exceeds {E}"
+        tokens[n, :len(ids)] = ids
+        scored[n, [a + 1 for a in answer]] = True  # +1: the BOS token
+    return tokens, scored
+
+
+class TaskDataset(Dataset):
+    """A synthetic task: splits are flat streams of whole episodes (so BrierLM / dispersion windows still work);
+    training windows are whole episodes, with padding targets = -1."""
+
+    def __init__(self, task):
+        tok, E, makers, self.metric = TASKS[task]
+        self.E, self.episodes, self.scored = E, {}, {}
+        for i, split in enumerate(makers):
+            seed = 1000 * (i + 1) + sum(map(ord, task))  # one fixed seed per (task, split)
+            self.episodes[split], self.scored[split] = make_task_split(task, split, TASK_EPISODES[split], seed)
+        # T must reach every scored target (y[t] = ep[t + 1]) and stay inside one episode
+        self.min_block = max(int(np.nonzero(s.any(0))[0].max()) for s in self.scored.values())
+        super().__init__(task, tok, {s: e.reshape(-1) for s, e in self.episodes.items()}, [])
+
+    def check_block(self, block_size):
+        if not self.min_block <= block_size <= self.E - 1:
+            raise UserError(f"--dataset {self.name} needs {self.min_block} <= --block_size <= {self.E - 1} "
+                            f"(its episodes are {self.E} tokens), got {block_size}")
+
+    def random_offsets(self, split, n, block_size, generator=None):
+        """Episode indices (not token offsets): every window starts at an episode's BOS."""
+        self.check_block(block_size)
+        return torch.randint(len(self.split(split)) // self.E, (n,), generator=generator)
+
+    def batch_at(self, split, ix, block_size, device="cpu"):
+        self.split(split)  # a clear error for an unknown split
+        ep = torch.from_numpy(self.episodes[split][ix.numpy()].astype(np.int64))  # (B, E)
+        x, y = ep[:, :block_size], ep[:, 1:block_size + 1].clone()
+        y[y == self.tokenizer.pad] = -1  # no loss on padding
+        return x.to(device), y.to(device)
+
+    @torch.no_grad()
+    def accuracy(self, next_token_logits, split="val", n_episodes=None, batch_size=100, block_size=None,
+                 device="cpu"):
+        """Teacher-forced accuracy of next_token_logits(x (B, T)) -> (B, T, V) on the scored tokens of a split.
+        'exact' tasks count an episode right only when all its scored tokens are the argmax, which is exactly
+        greedy decoding after the '=' producing the right answer; 'token' tasks average over scored tokens."""
+        T = block_size or self.E - 1
+        self.check_block(T)
+        episodes, scored = self.episodes[split], self.scored[split]
+        n = len(episodes) if n_episodes is None else min(n_episodes, len(episodes))
+        hits, total = 0, 0
+        for lo in range(0, n, batch_size):
+            ix = torch.arange(lo, min(n, lo + batch_size))
+            x, y = self.batch_at(split, ix, T, device)
+            mask = torch.from_numpy(scored[ix.numpy(), 1:T + 1]).to(device)   # (B, T): scored targets
+            right = (next_token_logits(x).argmax(-1) == y) | ~mask              # (B, T)
+            if self.metric == "exact":
+                hits, total = hits + int(right.all(1).sum()), total + len(ix)
+            else:
+                hits, total = hits + int((right & mask).sum()), total + int(mask.sum())
+        return hits / max(total, 1)
+
+
+def load_task(name, tokenizer=None):
+    tok = TASKS[name][0]
+    if tokenizer not in (None, tok.name):
+        raise UserError(f"--dataset {name} has its own tokenizer: leave --tokenizer unset (got {tokenizer!r})")
+    return TaskDataset(name)

@@ -1,0 +1,256 @@
+"""mtp.py and data.py's synthetic tasks: equivalence with NTP at n = 1, memory-efficient == naive gradients, the
+per-head target shift, speculative == greedy decoding, task generators checked by an independent evaluator."""
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import sample
+import train
+from gpt import GPT, GPTConfig
+from mtp import MTP, head_loss, mtp_forward_backward, speculative_generate
+
+CFG = GPTConfig(block_size=24, vocab_size=37, n_layer=4, n_head=2, n_embd=16)
+
+
+def args(naive=False):
+    return SimpleNamespace(mtp_naive=naive)
+
+
+def grads(model):
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def test_n1_is_exactly_next_token_prediction():
+    torch.manual_seed(0)
+    gpt = GPT(CFG).double()
+    torch.manual_seed(0)
+    mtp = MTP(CFG, 1).double()
+    assert all(torch.equal(v, mtp.state_dict()["trunk." + k]) for k, v in gpt.state_dict().items())  # same init
+    x, y = torch.randint(37, (3, 24)), torch.randint(37, (3, 24))
+    _, ntp = gpt(x, y)
+    ntp.backward()
+    loss, logs = mtp_forward_backward(mtp, x, y, args())
+    assert torch.equal(loss, ntp.detach()) and logs["loss_h1"] == ntp.item()
+    g = grads(mtp)
+    for k, v in grads(gpt).items():
+        assert torch.allclose(g["trunk." + k], v, rtol=0, atol=1e-13), k
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_memory_efficient_gradients_equal_naive(n):
+    torch.manual_seed(n)
+    model = MTP(CFG, n).double()
+    x, y = torch.randint(37, (3, 24)), torch.randint(37, (3, 24))
+    y[0, 5:9] = -1  # ignored targets (padding) too
+    naive_loss, naive_logs = mtp_forward_backward(model, x, y, args(naive=True), scale=0.5)
+    naive = grads(model)
+    model.zero_grad(set_to_none=True)
+    loss, logs = mtp_forward_backward(model, x, y, args(), scale=0.5)
+    assert torch.allclose(loss, naive_loss) and logs.keys() == naive_logs.keys() == {f"loss_h{i + 1}" for i in range(n)}
+    eff = grads(model)
+    assert eff.keys() == naive.keys() and len(eff) == len(list(model.parameters()))  # every head got a gradient
+    for k in naive:
+        assert torch.allclose(eff[k], naive[k], rtol=1e-10, atol=1e-13), k
+    # the summed loss of eq. 2 == the (B, n, T, V) forward's loss
+    assert torch.allclose(model(x, y)[1], naive_loss)
+
+
+def test_head_i_is_scored_against_token_t_plus_i():
+    x = torch.randint(37, (2, 20))
+    seq = torch.cat([x, torch.randint(37, (2, 1))], dim=1)
+    y = seq[:, 1:]
+    for i in range(4):  # logits that put all mass on x_{t+1+i}: zero loss only with the right shift
+        for guess in range(4):
+            future = torch.full_like(x, 0)
+            future[:, :20 - guess] = seq[:, 1 + guess:21]
+            logits = 50.0 * torch.nn.functional.one_hot(future, 37).double()
+            loss = head_loss(logits, y, i).item()
+            assert (loss < 1e-6) == (guess == i), (i, guess, loss)
+
+
+def test_heads_learn_their_own_shift_on_a_counting_sequence():
+    """x_t = (s + t) mod V: head i must learn token -> token + i; after training its argmax is exactly that."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=16, vocab_size=11, n_layer=3, n_head=2, n_embd=32)
+    model = MTP(cfg, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        seq = (torch.randint(11, (16, 1)) + torch.arange(17)) % 11
+        mtp_forward_backward(model, seq[:, :-1], seq[:, 1:], args())
+        opt.step()
+        opt.zero_grad()
+    x = (torch.randint(11, (4, 1)) + torch.arange(16)) % 11
+    z = model.trunk_hidden(x)
+    for i in range(3):
+        assert torch.equal(model.head_logits(i, z).argmax(-1), (x + i + 1) % 11), i
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_speculative_greedy_is_identical_to_greedy(n):
+    torch.manual_seed(10 + n)
+    model = MTP(CFG, n).double().eval()
+    copy = MTP(CFG, n).double().eval()  # extra heads = head 1's block: drafts are often accepted
+    for h in copy.heads:
+        h.load_state_dict(copy.trunk.blocks[-1].state_dict())
+    accepted = 0
+    for m in (model, copy):
+        for prompt_len, new in [(1, 30), (5, 19), (20, 4), (21, 3), (23, 10), (30, 8), (3, 60)]:  # 24 = window
+            idx = torch.randint(37, (1, prompt_len))
+            out, stats = speculative_generate(m, idx, new)
+            assert torch.equal(out, m.generate(idx, new, temperature=0.0)), (prompt_len, new)
+            assert stats["tokens"] == new and 1 <= stats["tokens_per_forward"] <= n
+            accepted += stats["tokens"] - stats["forwards"]
+    assert accepted > 0  # the verification / rollback path really ran
+
+
+def test_speculative_sampling_draws_from_head_1s_distribution():
+    """temperature > 0: the (x1, x2) pair from speculative sampling (x2 = an accepted draft or a residual draw)
+    follows head 1's exact joint p(x1) p(x2 | x1), computed by enumeration; drafts taken as-is would not."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=8, vocab_size=4, n_layer=3, n_head=2, n_embd=16)
+    model = MTP(cfg, 3).eval()
+    with torch.no_grad():
+        model.trunk.wte.weight.mul_(6)  # peaked, different distributions for head 1 and the draft heads
+    prompt = torch.tensor([[1, 2]])
+    with torch.no_grad():
+        p1 = torch.softmax(model.trunk(prompt)[0][0, -1], -1)
+        pairs = torch.tensor([[a, b] for a in range(4) for b in range(4)])
+        p2 = torch.softmax(model.trunk(torch.cat([prompt.expand(16, 2), pairs[:, :1]], 1))[0][:, -1], -1)
+        exact = p1[pairs[:, 0]] * p2[torch.arange(16), pairs[:, 1]]
+        q2 = torch.softmax(model.head_logits(1, model.trunk_hidden(prompt))[0, -1], -1)
+        drafts_as_is = p1[pairs[:, 0]] * q2[pairs[:, 1]]
+    gen, counts, N = torch.Generator().manual_seed(0), torch.zeros(16), 3000
+    for _ in range(N):
+        out, _ = speculative_generate(model, prompt, 3, temperature=1.0, generator=gen)
+        counts[out[0, 2] * 4 + out[0, 3]] += 1
+    tv = lambda a, b: 0.5 * (a - b).abs().sum().item()  # noqa: E731
+    assert tv(exact, drafts_as_is) > 0.15 and exact.max() < 0.5  # the check below can tell a wrong sampler apart
+    assert tv(counts / N, exact) < 0.06, (counts / N, exact)
+    out, stats = speculative_generate(model, prompt, 20, 0.8, 3, gen)  # past the window end, with top-k
+    assert out.shape == (1, 22) and stats["tokens"] == 20
+
+
+def parse_poly(s):
+    """Independent evaluator of a polynomial-task expression with numpy (recursive descent)."""
+    pos = 0
+
+    def trunc(p):
+        return np.pad(np.asarray(p, dtype=np.int64) % 7, (0, 5))[:5]
+
+    def operand():
+        nonlocal pos
+        if s[pos] == "-":
+            pos += 1
+            return trunc(-operand())
+        if s[pos] == "(":
+            pos += 1
+            a = operand()
+            op = s[pos]
+            pos += 1
+            b = operand()
+            assert s[pos] == ")"
+            pos += 1
+            if op == "+":
+                return trunc(a + b)
+            if op == "*":
+                return trunc(np.convolve(a, b))
+            out = np.zeros(5, dtype=np.int64)  # a(b(X)) = sum_k a_k b^k
+            power = trunc([1])
+            for c in a:
+                out, power = trunc(out + c * power), trunc(np.convolve(power, b))
+            return out
+        p = np.array([int(c) for c in s[pos:pos + 5]])
+        pos += 5
+        return p
+
+    value = operand()
+    assert pos == len(s)
+    return value
+
+
+def test_task_generators_are_deterministic_and_correct():
+    a, b = data.make_task_split.__wrapped__("polynomial", "train", 300, 5), data.make_task_split.__wrapped__(
+        "polynomial", "train", 300, 5)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], data.make_task_split.__wrapped__("polynomial", "train", 300, 6)[0])
+    tok = data.POLYNOMIAL_TOKENIZER
+    for split, (lo, hi) in [("train", (1, 5)), ("val:ood", (6, 8))]:
+        tokens, scored = data.make_task_split.__wrapped__("polynomial", split, 300, 7)
+        for ep, sc in zip(tokens, scored):
+            text = tok.decode(ep)
+            m = re.fullmatch(r"\n([^=]+)=([0-6]{5});_*", text)
+            assert m, text
+            assert lo <= len(re.findall(r"[-+*o]", m.group(1))) <= hi
+            assert "".join(map(str, parse_poly(m.group(1)))) == m.group(2)
+            assert tok.decode(ep[sc]) == m.group(2)
+    tokens, scored = data.make_task_split.__wrapped__("induction", "val", 200, 3)
+    assert np.array_equal(tokens, data.make_task_split.__wrapped__("induction", "val", 200, 3)[0])
+    tok = data.INDUCTION_TOKENIZER
+    for ep, sc in zip(tokens, scored):
+        text = tok.decode(ep)
+        seen, expect = {}, []
+        for j, c in enumerate(text):
+            if c.isupper():
+                assert text[j + 1].isdigit() and seen.get(c, text[j + 1]) == text[j + 1]  # a name keeps its 2nd part
+                if c in seen:
+                    expect.append(j + 1)
+                seen[c] = text[j + 1]
+        assert expect == list(np.nonzero(sc)[0]) and len(expect) >= 3
+
+
+def test_task_accuracy_metric_against_an_oracle():
+    ds = data.load_data("polynomial")
+    oracle = lambda x: torch.nn.functional.one_hot(  # noqa: E731: the true next token everywhere
+        torch.from_numpy(ds.episodes["val"][:len(x), 1:x.size(1) + 1].astype(np.int64)), ds.vocab_size).float()
+    assert ds.accuracy(oracle, "val", 100, batch_size=100) == 1.0
+
+    def one_wrong_digit(x):
+        logits = oracle(x)
+        last = torch.from_numpy(ds.scored["val"][:len(x), 1:x.size(1) + 1]).cumsum(1) == 5  # 5th answer digit
+        return logits.masked_fill(last.unsqueeze(-1) & (logits == 1), -1.0)
+    assert ds.accuracy(one_wrong_digit, "val", 100, batch_size=100) == 0.0
+    x, y = ds.get_batch("train", 4, 80, torch.Generator().manual_seed(0))
+    assert (x[:, 0] == ds.tokenizer.bos).all() and ((y == -1)[:, :-1] == (x[:, 1:] == ds.tokenizer.pad)).all()
+
+
+def one_line_error(capsys, fn, argv):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err
+    return err
+
+
+TINY = ["--objective", "mtp", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "4",
+        "--eval_iters", "2", "--brier_positions", "0", "--sample_tokens", "5", "--warmup_iters", "2"]
+
+
+def test_train_sample_speculative_and_bad_inputs(tmp_path, capsys):
+    out = tmp_path / "poly"
+    train.main(TINY + ["--dataset", "polynomial", "--block_size", "80", "--n_future", "2", "--max_iters", "4",
+                       "--eval_interval", "4", "--out_dir", str(out), "--brier_positions", "4", "--log_interval", "2"])
+    log = capsys.readouterr().out
+    assert "| loss_h1" in log and "| loss_h2" in log and "val_loss_h2" in log and "acc_val_ood" in log
+    sample.main(["--ckpt", str(out / "ckpt.pt"), "--speculative", "--temperature", "0", "--max_new_tokens", "30",
+                 "--prompt", "(01234*56012)="])
+    cap = capsys.readouterr()
+    assert cap.out.startswith("(01234*56012)=") and "tokens/forward" in cap.err
+    assert "identical to greedy: True" in cap.err
+    sample.main(["--ckpt", str(out / "ckpt.pt"), "--speculative", "--max_new_tokens", "20"])  # temperature 0.8
+    assert "speculative sampling" in capsys.readouterr().err
+    common = TINY + ["--dataset", "shakespeare", "--tokenizer", "bytes", "--block_size", "16", "--max_iters", "1"]
+    err = lambda *extra: one_line_error(capsys, train.main, common + list(extra))  # noqa: E731
+    assert "at least 1" in err("--n_future", "0", "--out_dir", str(tmp_path / "a"))
+    assert "--n_layer >= 3" in err("--n_future", "3", "--out_dir", str(tmp_path / "b"))
+    assert "block_size" in one_line_error(capsys, train.main, common + ["--n_future", "2", "--block_size", "1",
+                                                                        "--out_dir", str(tmp_path / "c")])
+    assert "block_size" in one_line_error(capsys, train.main, TINY + ["--dataset", "induction", "--block_size", "128",
+                                                                       "--out_dir", str(tmp_path / "d")])
+    train.main(common + ["--n_future", "1", "--out_dir", str(tmp_path / "n1")])
+    capsys.readouterr()
+    assert "--n_future 1" in one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "n1" / "ckpt.pt"),
+                                                                  "--speculative", "--temperature", "0"])
