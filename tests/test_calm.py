@@ -10,18 +10,10 @@ import calm
 import sample
 import train
 from gpt import GPTConfig, UserError
+from util import one_line_error
 
 TINY = ["--dataset", "shakespeare", "--tokenizer", "bytes", "--block_size", "64", "--batch_size", "16",
         "--eval_iters", "2", "--sample_tokens", "8", "--warmup_iters", "10", "--learning_rate", "3e-3"]
-
-
-def one_line_error(capsys, fn, *a):
-    with pytest.raises(SystemExit) as e:
-        fn(*a)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
 
 
 # ----------------------------------------------------------------------------- the energy score

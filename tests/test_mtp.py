@@ -12,6 +12,7 @@ import sample
 import train
 from gpt import GPT, GPTConfig
 from mtp import MTP, head_loss, mtp_forward_backward, speculative_generate
+from util import one_line_error
 
 CFG = GPTConfig(block_size=24, vocab_size=37, n_layer=4, n_head=2, n_embd=16)
 
@@ -215,14 +216,6 @@ def test_task_accuracy_metric_against_an_oracle():
     assert ds.accuracy(one_wrong_digit, "val", 100, batch_size=100) == 0.0
     x, y = ds.get_batch("train", 4, 80, torch.Generator().manual_seed(0))
     assert (x[:, 0] == ds.tokenizer.bos).all() and ((y == -1)[:, :-1] == (x[:, 1:] == ds.tokenizer.pad)).all()
-
-
-def one_line_error(capsys, fn, argv):
-    with pytest.raises(SystemExit) as e:
-        fn(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err
-    return err
 
 
 TINY = ["--objective", "mtp", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "4",

@@ -10,6 +10,7 @@ import torch
 
 import sample
 import train
+from util import one_line_error
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "shakespeare", "--tokenizer", "bytes", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
@@ -19,15 +20,6 @@ TINY = ["--dataset", "shakespeare", "--tokenizer", "bytes", "--n_layer", "2", "-
 
 def run(out_dir, *extra):
     return train.main(TINY + ["--out_dir", str(out_dir), *extra])
-
-
-def one_line_error(capsys, fn, *a):
-    with pytest.raises(SystemExit) as e:
-        fn(*a)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
 
 
 def test_train_end_to_end_then_sample(tmp_path, capsys):
