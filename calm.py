@@ -26,6 +26,7 @@ window is trained); prompts are left-padded with token 0 to a multiple of K.
 """
 import math
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, fields
 
@@ -406,7 +407,12 @@ def build_calm(gcfg, args, data):
     args.autoencoder = path
     model = CALM(gcfg, args)
     model.ae.load_state_dict(ckpt["model"])
-    print(f"calm: autoencoder {path}: held-out recon_acc {ckpt['metrics'].get('recon_acc', float('nan')):.4f}")
+    acc = ckpt["metrics"].get("recon_acc", float("nan"))
+    print(f"calm: autoencoder {path}: held-out recon_acc {acc:.4f}")
+    if not acc >= 0.99:  # CALM can generate no better text than its autoencoder decodes
+        hint = "" if args.tokenizer == "bytes" else " or use --tokenizer bytes"
+        print(f"WARNING: the autoencoder reconstructs only {acc:.1%} of held-out tokens; train it longer "
+              f"(--ae_iters){hint}", file=sys.stderr)
     return model
 
 
@@ -491,7 +497,9 @@ def generation_speed(model, n_tokens=128, repeats=5):
 
 
 OBJECTIVES = {
-    "autoencoder": dict(config=AEConfig, build=build_ae, loss=ae_loss, evaluate=ae_evaluate, generate=ae_generate),
+    "autoencoder": dict(config=AEConfig, build=build_ae, loss=ae_loss, evaluate=ae_evaluate, generate=ae_generate,
+                        default_tokenizer="bytes"),
     "calm": dict(config=CALMConfig, build=build_calm, loss=calm_loss, evaluate=calm_evaluate,
-                 generate=calm_generate, draw=calm_draw, default_temperature=1.0),
+                 generate=calm_generate, draw=calm_draw, default_temperature=1.0,
+                 default_tokenizer="bytes"),
 }

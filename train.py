@@ -12,6 +12,7 @@ An objective is a dict, defined next to its paper (NTP below, the others in mtp.
   evaluate(model, data, args) -> {name: float}    optional extra eval metrics
   generate(model, idx, args, generator) -> idx    sample args.max_new_tokens tokens after idx (1, T)
   default_temperature                             optional: sampling temperature when none is given (0.8)
+  default_tokenizer                               optional: tokenizer when none is given (gpt2)
   draw(model, ctx, n_tokens, generator, args)     optional: (B, n_tokens) sampled continuations of ctx (B, T),
                                                   what BrierLM needs (default: generate at temperature 1)
 The loop below knows nothing else about any objective.
@@ -316,7 +317,7 @@ def train(args, objective):
         torch.backends.cudnn.allow_tf32 = True
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else nullcontext()
 
-    data = load_data(args.dataset, args.tokenizer)
+    data = load_data(args.dataset, args.tokenizer or objective.get("default_tokenizer"))
     args.dataset, args.tokenizer = data.name, data.tokenizer.name  # what was really used (after any fallback)
     data.random_offsets("val", 1, args.block_size)  # block_size larger than the data: a clear error now
     model = objective["build"](gpt_config(args, data.vocab_size), args, data).to(args.device)

@@ -223,3 +223,11 @@ def test_calm_loss_runs_on_a_plain_autoencoder_and_with_the_mse_head():
         loss, _ = calm.calm_loss(model, x, None, args)
         assert loss.ndim == 0 and torch.isfinite(loss)
         loss.backward()
+
+
+def test_calm_objectives_default_to_the_byte_tokenizer(tmp_path):
+    """A 50k-token autoencoder cannot be trained in a CPU run; without --tokenizer, CALM's objectives use bytes."""
+    train.main(["--objective", "autoencoder", "--dataset", "shakespeare", "--block_size", "16", "--max_iters", "1",
+                "--eval_iters", "1", "--out_dir", str(tmp_path)])
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)["args"]
+    assert saved["tokenizer"] == "bytes"
