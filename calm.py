@@ -213,7 +213,8 @@ def energy_loss(x, y, alpha=1.0):
     N = x.size(0)
     dist = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1).clamp_min(1e-12) ** (alpha / 2)  # noqa: E731
     fit = dist(x, y).mean((0, 1))                                    # (P,) E|X - Y|^a
-    spread = dist(x, x).sum((0, 1)) / (N * (N - 1))                  # (P,) diagonal terms are ~0
+    off_diagonal = ~torch.eye(N, dtype=torch.bool, device=x.device)  # pairs n != n'
+    spread = dist(x, x)[off_diagonal].sum(0) / (N * (N - 1))         # (P,) E|X - X'|^a
     return 2 * fit - spread
 
 
