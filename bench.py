@@ -1,0 +1,469 @@
+"""One table for all four papers: every objective trained on the same data, with the same backbone and the same
+training-FLOPs budget, then measured the same way.
+
+    python bench.py [--preset tiny|cpu|gpu] [--out results] [--device auto|cpu|cuda] [--no_core]
+
+Protocol. Bytes tokenizer on Tiny Shakespeare for everyone (CALM's autoencoder needs it, see calm.py). The NTP run
+gets `ntp_iters` iterations of batch_size x block_size tokens; that is the FLOPs budget, and every other objective
+gets max_iters = round(budget / (its FLOPs per token x batch_size x block_size)), same learning rate and schedule.
+Each run is trained in `stages` resumed pieces (train.py --resume: the same run as one go) and scored after each,
+which gives BrierLM against training FLOPs (the report's "curve"). Rows: ntp; mtp n=2, n=4 (the heads replace trunk
+blocks, mtp.py); calm K=2, K=4 (an autoencoder is trained first, its FLOPs reported apart in ae_flops, not charged
+to the budget); dispersion with lambda = 0.1 (the best value of tutorials/dispersion.ipynb). An objective that
+fails gets a row that says so; the others still run. Results: out/bench_<preset>[_cuda].json and .csv.
+
+Columns
+  params          trainable parameters (CALM: not counting its frozen autoencoder)
+  train_flops     FLOPs per token (table below) x tokens trained
+  train_tok_s     tokens/s of full training steps (forward, backward, AdamW), median of timed steps after 2 warm-up
+  peak_mem_mib    CPU: peak resident set of one training step minus the process before the model existed (weights,
+                  gradients, AdamW state, activations), in a child process with glibc's mmap threshold at 64 KiB
+                  (bench_mtp.py's method: freed tensors go back to the OS); CUDA: torch.cuda.max_memory_allocated
+  val_ce          next-token cross-entropy (nats/token) on fixed val windows (MTP: head 1); CALM has none
+  brierlm         BrierLM (0..100, brierlm.py, two samples per position) at the same val positions for everyone,
+  brierlm_se      and its standard error over positions (delta method; n/a when a Brier-n estimate is <= 0)
+  disp_last       dispersion of the last layer (ln_f output; CALM: one vector per chunk), mean over val segments
+  gen_tok_s       batch-1 generation from a 16-token val prompt up to the window, KV cache: ntp/dispersion greedy,
+                  mtp self-speculative greedy (same tokens as greedy), calm sampling at T=1 (one head sample)
+  fwd_per_tok     backbone forward passes per generated token (counted by a hook on the first block)
+The core GPT's training throughput with --compile off and on (and MFU on CUDA) is printed below the table.
+
+Training FLOPs per token (2 per multiply-add, x3 for forward + backward; norms, softmax, GELU and other
+elementwise work are left out; attention at the full window T, the nanoGPT / PaLM convention):
+  d width, L blocks, V vocabulary, T block_size (tokens), a block has 12 d^2 weights
+  ntp, dispersion   6 (12 L d^2 + d V) + 12 L d T                (the dispersion loss is O(d) per token: left out)
+  mtp, n heads      6 (12 L d^2 + n d V) + 12 L d T              (L - n trunk blocks + n one-block heads = L blocks)
+  calm, K tokens    per chunk, divided by K:
+                    backbone   6 * 12 L d^2 + 12 L d (T/K)        (no unembedding: the energy head replaces it)
+                    compress   6 (2K + 2) d^2                    (Linear(K d -> 2d), Linear(2d -> d))
+                    head       6 d^2 + 6 N (s d + 6 H d^2 + d^2 + d l)   (cond_in once; noise_in, H head blocks of
+                                                                  6 d^2 and the output MLP for each of N samples)
+                    encoder    2 (K A 7.5 a^2 + K a^2 + A 7.5 a^2 + 2 a l)  (frozen, forward only: the targets)
+                    N num_samples, s noise_size, H head_layers, l latent_dim, a ae_dim, A ae_layers (7.5 a^2 per
+                    SwiGLU layer: up a x 5a, down 2.5a x a); the energy-score distances are elementwise: left out
+  autoencoder       6 (2 K A 7.5 a^2 + 2 K a^2 + 2 A 7.5 a^2 + 2 a l + l a + K a V) / K   (ae_flops, apart)
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+import torch
+
+import brierlm
+import calm
+import dispersion
+import train
+from data import load_data
+from gpt import GPT, UserError
+from mtp import MTP, speculative_generate
+from sample import load_model
+
+PRESETS = {
+    "tiny": dict(model=dict(n_layer=4, n_head=2, n_embd=32, block_size=32), batch_size=8, ntp_iters=30, stages=2,
+                 ae_iters=60, brier_positions=32, eval_batches=2, timing_steps=3, core=False),
+    "cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128), batch_size=16, ntp_iters=1200, stages=4,
+                ae_iters=800, brier_positions=2048, eval_batches=10, timing_steps=8, core=True),
+    "gpu": dict(model=dict(n_layer=8, n_head=8, n_embd=512, block_size=256), batch_size=64, ntp_iters=3000, stages=6,
+                ae_iters=2000, brier_positions=8192, eval_batches=50, timing_steps=20, core=True),
+}
+ROWS = [("ntp", "ntp", {}), ("mtp n=2", "mtp", {"n_future": 2}), ("mtp n=4", "mtp", {"n_future": 4}),
+        ("calm K=2", "calm", {"chunk_size": 2}), ("calm K=4", "calm", {"chunk_size": 4}),
+        ("dispersion l=0.1", "dispersion", {"dispersion_weight": 0.1})]
+COLUMNS = ["objective", "status", "params", "train_iters", "train_flops", "ae_flops", "train_tok_s", "peak_mem_mib",
+           "val_ce", "brierlm", "brierlm_se", "disp_last", "gen_tok_s", "fwd_per_tok"]
+NOT_MEASURED = "not measured (no GPU in this run)"
+BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 peaks (SXM), for MFU
+
+
+# ----------------------------------------------------------------------------- FLOPs (the docstring's table)
+
+def train_flops_per_token(model, block_size, num_samples=8):
+    """Training FLOPs per token of a GPT (ntp, dispersion), MTP or CALM model (energy head drawing num_samples
+    samples, --num_samples) for windows of block_size tokens, as in the module docstring."""
+    if isinstance(model, calm.CALM):
+        c, K = model.backbone.config, model.K
+        d, L, T = c.n_embd, c.n_layer, c.block_size            # backbone block_size is in chunks (T / K)
+        head, ae = model.head, model.ae
+        N = 1 if model.head_kind == "mse" else num_samples
+        s, H, lat = head.noise_size, len(head.blocks), ae.l
+        a, A = ae.wte.embedding_dim, len(ae.enc_tok)
+        backbone = 6 * 12 * L * d * d + 12 * L * d * T
+        compress = 6 * (2 * K + 2) * d * d
+        energy_head = 6 * d * d + 6 * N * (s * d + 6 * H * d * d + d * d + d * lat)
+        encoder = 2 * (K * A * 7.5 * a * a + K * a * a + A * 7.5 * a * a + 2 * a * lat)
+        return (backbone + compress + energy_head + encoder) / K
+    gpt, n = (model.trunk, model.n_future) if isinstance(model, MTP) else (model, 1)
+    c = gpt.config
+    L = model.n_layer if isinstance(model, MTP) else c.n_layer
+    return 6 * (12 * L * c.n_embd ** 2 + n * c.n_embd * c.vocab_size) + 12 * L * c.n_embd * block_size
+
+
+def ae_flops_per_token(ae):
+    """Training FLOPs per token of CALM's autoencoder (module docstring, last line)."""
+    K, a, A, lat, V = ae.K, ae.wte.embedding_dim, len(ae.enc_tok), ae.l, ae.wte.num_embeddings
+    return 6 * (2 * K * A * 7.5 * a * a + 2 * K * a * a + 2 * A * 7.5 * a * a + 2 * a * lat + lat * a + K * a * V) / K
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+def common_flags(p, device):
+    flags = dict(dataset="shakespeare", tokenizer="bytes", device=device, batch_size=p["batch_size"],
+                 eval_iters=2, brier_positions=0, sample_tokens=0, overwrite=True, **p["model"])
+    return flags
+
+
+def to_argv(flags):
+    return [s for k, v in flags.items() for s in (f"--{k}", str(v))]
+
+
+def quiet_train(argv):
+    """train.main with its progress lines captured; a failure becomes a UserError carrying the error line."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            return train.main(argv)
+    except SystemExit as e:
+        raise UserError(f"training exited {e.code}: {err.getvalue().strip().splitlines()[-1:]}") from None
+
+
+def architecture(flags):
+    """(model with random weights, args, objective) as train.py would build them, without data or training."""
+    args, objective = train.parse_args(to_argv(flags))
+    args.device = "cpu"
+    return objective["build"](train.gpt_config(args, 256), args, None), args, objective
+
+
+def iters_for_budget(flags, p):
+    """Iterations that spend the NTP run's FLOPs: budget / (FLOPs per token x tokens per iteration)."""
+    T = p["model"]["block_size"]
+    ntp = architecture({**common_flags(p, "cpu"), "objective": "ntp"})[0]
+    model, args, _ = architecture(flags)
+    budget = train_flops_per_token(ntp, T) * p["ntp_iters"]
+    per_token = train_flops_per_token(model, T, getattr(args, "num_samples", 8))
+    return max(1, round(budget / per_token)), per_token
+
+
+class ForwardCounter:
+    """Counts forward passes of a module (the backbone's first block = one backbone pass)."""
+
+    def __init__(self, module):
+        self.n, self.handle = 0, module.register_forward_pre_hook(self.hook)
+
+    def hook(self, *_):
+        self.n += 1
+
+
+def first_block(model):
+    if isinstance(model, calm.CALM):
+        return model.backbone.blocks[0]
+    return (model.trunk if isinstance(model, MTP) else model).blocks[0]
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def generation(model, prompt, n_tokens, device):
+    """(tokens/s, backbone forwards per token) for batch-1 generation of n_tokens after prompt (1, P)."""
+    counter = ForwardCounter(first_block(model))
+    gen = torch.Generator(device).manual_seed(0)
+    sync(device)
+    t = time.perf_counter()
+    if isinstance(model, calm.CALM):
+        out = calm.generate_chunks(model, prompt, n_tokens // model.K, gen, 1.0)
+    elif isinstance(model, MTP):
+        out = speculative_generate(model, prompt, n_tokens, temperature=0.0)[0]
+    else:
+        out = model.generate(prompt, n_tokens, temperature=0.0)
+    sync(device)
+    seconds = time.perf_counter() - t
+    counter.handle.remove()
+    new = out.size(1) - prompt.size(1)
+    return new / seconds, counter.n / new
+
+
+def training_speed(model, objective, args, data, steps, device):
+    """Median tokens/s of full training steps (after 2 warm-up steps); the model is left trained further."""
+    model.train()
+    opt = train.make_optimizer(model, args, device)
+    gen, times = torch.Generator().manual_seed(1), []
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else contextlib.nullcontext()
+    for i in range(steps + 2):
+        x, y = data.get_batch("train", args.batch_size, args.block_size, gen, device)
+        sync(device)
+        t = time.perf_counter()
+        train.forward_backward(model, objective, x, y, args, 1.0, ctx)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    model.eval()
+    return args.batch_size * args.block_size / statistics.median(times)
+
+
+@torch.no_grad()
+def val_cross_entropy(model, batches):
+    if isinstance(model, calm.CALM):
+        return "n/a"  # no likelihood
+    gpt = model.trunk if isinstance(model, MTP) else model               # MTP's trunk is trunk + head 1
+    return statistics.fmean(gpt(x, y)[1].item() for x, y in batches)
+
+
+def brier_and_ce(model, objective, args, data, p, device):
+    """BrierLM (and its standard error) at the preset's fixed val positions, and val cross-entropy."""
+    T = p["model"]["block_size"]
+    est = brierlm.brier_eval(model, objective, data, args, p["brier_positions"], seed=0)["sampled"]
+    se = brierlm.brierlm_stderr(est)
+    ce = val_cross_entropy(model, dispersion.fixed_batches(data, "val", p["eval_batches"], p["batch_size"], T, 1,
+                                                           device))
+    return dict(brierlm=brierlm.summarize(est)["brierlm"], brierlm_se=se if se == se else "n/a (a Brier-n <= 0)",
+                val_ce=ce)
+
+
+def train_autoencoder(K, p, device, work):
+    """CALM's autoencoder for chunk size K, trained before CALM (its FLOPs are reported apart, in ae_flops)."""
+    ae_dir = os.path.join(work, f"autoencoder K={K}")
+    quiet_train(to_argv({**common_flags(p, device), "objective": "autoencoder", "out_dir": ae_dir, "chunk_size": K,
+                         "max_iters": p["ae_iters"], "eval_interval": p["ae_iters"], "learning_rate": 3e-3,
+                         "log_interval": p["ae_iters"], "warmup_iters": min(30, p["ae_iters"] // 10)}))
+    return os.path.join(ae_dir, "ckpt.pt")
+
+
+def run_row(label, objective_name, extra, p, device, work, ae_paths, data):
+    """Train one objective on the FLOPs budget in p["stages"] resumed stages (train.py --resume: the same run as
+    one go, with one lr schedule), scoring BrierLM after each stage: the curve of BrierLM vs training FLOPs."""
+    flags = {**common_flags(p, device), "objective": objective_name, "out_dir": os.path.join(work, label), **extra}
+    row = {"objective": label, "ae_flops": 0}
+    if objective_name == "calm":
+        K = extra["chunk_size"]
+        if K not in ae_paths:  # one autoencoder per K, shared by the rows that use it
+            ae_paths[K] = train_autoencoder(K, p, device, work)
+        flags["autoencoder"] = ae_paths[K]
+    iters, flops_per_token = iters_for_budget(flags, p)
+    T, B = p["model"]["block_size"], p["batch_size"]
+    flags.update(lr_decay_iters=iters, warmup_iters=min(30, iters // 10), log_interval=iters)
+    ends = sorted({max(1, round(iters * (i + 1) / p["stages"])) for i in range(p["stages"])})
+    curve = []
+    for i, end in enumerate(ends):
+        quiet_train(to_argv({**flags, "max_iters": end, "eval_interval": end}) + (["--resume"] if i else []))
+        model, objective, args, _ = load_model(os.path.join(flags["out_dir"], "ckpt.pt"), device)
+        curve.append(dict(iter=end, train_flops=flops_per_token * end * B * T,
+                          **brier_and_ce(model, objective, args, data, p, device)))
+    if isinstance(model, calm.CALM):
+        row["ae_flops"] = ae_flops_per_token(model.ae) * p["ae_iters"] * B * T
+    windows = dispersion.fixed_batches(data, "val", p["eval_batches"], B, T - 4, seed=0, device=device)
+    prompt = data.get_batch("val", 1, 16, torch.Generator().manual_seed(0), device)[0]
+    gen_tok_s, fwd = generation(model, prompt, T - 16, device)
+    row.update(status="ok", params=sum(q.numel() for q in model.parameters() if q.requires_grad),
+               train_iters=iters, train_flops=curve[-1]["train_flops"],
+               **{k: curve[-1][k] for k in ("val_ce", "brierlm", "brierlm_se")},
+               disp_last=dispersion.layer_dispersion(model, windows)["final"],
+               gen_tok_s=gen_tok_s, fwd_per_tok=fwd, curve=curve,
+               train_tok_s=training_speed(model, objective, args, data, p["timing_steps"], device))
+    return row, flags
+
+
+# ----------------------------------------------------------------------------- memory (child process on CPU)
+
+def rss_kib(field):
+    from bench_mtp import rss_kib as read
+    return read(field)
+
+
+def step_memory(flags, device):
+    """Peak bytes of one training step (weights, gradients, AdamW state, activations) on random tokens."""
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_kib("VmRSS")
+    torch.manual_seed(0)
+    model, args, objective = architecture({**flags, "device": "cpu"})
+    model = model.to(device).train()
+    opt = train.make_optimizer(model, args, str(device))
+    V = 256
+    x = torch.randint(V, (args.batch_size, args.block_size), device=device)
+    y = torch.randint(V, (args.batch_size, args.block_size), device=device)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def step():
+        train.forward_backward(model, objective, x, y, args, 1.0, ctx)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()  # warm-up: AdamW state exists from here on
+    if cuda:
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set (VmHWM) to the current one
+    step()
+    return (rss_kib("VmHWM") - base) * 1024
+
+
+def memory_table(all_flags, device):
+    """{label: MiB} for every row's flags; on CPU one fresh child process per row (pinned mmap threshold)."""
+    if str(device).startswith("cuda"):
+        return {label: step_memory(f, device) / 2 ** 20 for label, f in all_flags.items()}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    here, res = os.path.dirname(os.path.abspath(__file__)), {}
+    for label, flags in all_flags.items():
+        out = subprocess.run([sys.executable, os.path.join(here, "bench.py"), "memory-child", json.dumps(flags)],
+                             env=env, capture_output=True, text=True, cwd=here)
+        res[label] = (float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else
+                      f"failed: {out.stderr.strip().splitlines()[-1:]}")
+    return res
+
+
+def memory_child(spec):
+    """One row's step memory, after a throw-away step of a tiny GPT (torch's one-time initialisation)."""
+    warm = {**json.loads(spec), "objective": "ntp", "n_layer": 1, "n_head": 1, "n_embd": 8, "batch_size": 1}
+    for k in ("n_future", "chunk_size", "dispersion_weight"):
+        warm.pop(k, None)
+    step_memory(warm, "cpu")
+    print(step_memory(json.loads(spec), "cpu") / 2 ** 20)
+
+
+# ----------------------------------------------------------------------------- throughput of the shared core
+
+def gpu_peak_flops(device):
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK_FLOPS.items() if k in name), None)
+
+
+def core_throughput(p, device, compile_blocks, steps=None):
+    """Training tokens/s of the preset's plain GPT (bytes vocabulary, AdamW step included; bf16 autocast on CUDA
+    as train.py uses); on CUDA also MFU = FLOPs per token (the ntp formula) x tokens/s / the GPU's bf16 peak."""
+    torch.manual_seed(0)
+    model, args, objective = architecture({**common_flags(p, device), "objective": "ntp", "device": "cpu"})
+    model = model.to(device)
+    if compile_blocks:
+        for m in model.blocks:  # what train.py --compile does
+            m.compile()
+    data = load_data("shakespeare", "bytes")
+    tok_s = training_speed(model, objective, args, data, steps or p["timing_steps"], device)
+    mfu = "n/a on CPU"
+    if str(device).startswith("cuda"):
+        peak = gpu_peak_flops(device)
+        mfu = train_flops_per_token(model, args.block_size) * tok_s / peak if peak else "unknown GPU peak"
+    return dict(compile=compile_blocks, device=str(device), tok_s=tok_s, mfu=mfu)
+
+
+# ----------------------------------------------------------------------------- the table
+
+def fmt(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if v == int(v) and abs(v) < 1e7:
+        return str(int(v))
+    return f"{v:.3g}" if abs(v) >= 1e4 or abs(v) < 1e-2 else f"{v:.3f}"
+
+
+def render(rows):
+    table = [COLUMNS] + [[fmt(r.get(c, "")) for c in COLUMNS] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    return "\n".join(" | ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in table)
+
+
+def hardware(device):
+    if str(device).startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def write_results(report, out, name):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    with open(os.path.join(out, f"{name}.csv"), "w") as f:
+        f.write(",".join(COLUMNS) + "\n")
+        for r in report["rows"]:
+            f.write(",".join(json.dumps(v) if isinstance(v, str) else fmt(v)
+                             for v in (r.get(c, "") for c in COLUMNS)) + "\n")
+
+
+def run(preset="tiny", out="results", device="auto", core=None, rows=ROWS, work=None, log=print):
+    """The whole protocol; returns the report (also written to out/bench_<preset>[_cuda].json and .csv)."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+    device = train.pick_device(device)
+    cuda = device.startswith("cuda")
+    if preset == "gpu" and not cuda:
+        raise UserError("--preset gpu needs a CUDA GPU and none was found: use --preset cpu or --preset tiny")
+    p = PRESETS[preset]
+    core = p["core"] if core is None else core
+    t0 = time.time()
+    data = load_data("shakespeare", "bytes")
+    results, all_flags, ae_paths = [], {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, name, extra in rows:
+            t = time.time()
+            try:
+                row, flags = run_row(label, name, extra, p, device, work or tmp, ae_paths, data)
+                all_flags[label] = {k: v for k, v in flags.items() if k != "autoencoder"}
+            except Exception as e:  # noqa: BLE001 (the table says so; the other rows still run)
+                msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+                row = {"objective": label, "status": f"failed: {msg}"[:200], **{c: "failed" for c in COLUMNS[2:]}}
+            results.append(row)
+            log(f"{label}: {row['status']} ({time.time() - t:.0f}s)")
+    mem = memory_table(all_flags, device) if all_flags else {}
+    for row in results:
+        if row["status"] == "ok":
+            row["peak_mem_mib"] = mem[row["objective"]]
+    core_rows = []
+    for c in ((False, True) if core else ()):
+        try:
+            core_rows.append(core_throughput(p, device, c))
+        except Exception as e:  # noqa: BLE001 (e.g. no C++ compiler for torch.compile): say so, keep the table
+            core_rows.append(dict(compile=c, device=device, tok_s=f"failed: {type(e).__name__}", mfu="failed"))
+    memory = ("torch.cuda.max_memory_allocated of one training step" if cuda else
+              "peak resident set of one training step minus the process before the model (CPU)")
+    report = dict(preset=preset, protocol=p, device=device, hardware=hardware(device), memory=memory,
+                  seconds=time.time() - t0, command=f"python bench.py --preset {preset}", rows=results,
+                  core=core_rows, core_gpu=None if cuda else NOT_MEASURED)
+    log(f"{preset} preset on {report['hardware']}; memory: {memory}")
+    log(render(results))
+    for c in core_rows:
+        log(f"core GPT {p['model']}, batch {p['batch_size']}, compile={c['compile']}: {fmt(c['tok_s'])} training "
+            f"tok/s | MFU {fmt(c['mfu'])}")
+    if out:
+        name = f"bench_{preset}" + ("_cuda" if cuda else "")
+        write_results(report, out, name)
+        log(f"wrote {out}/{name}.json and .csv ({time.time() - t0:.0f}s)")
+    return report
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["memory-child"]:
+        return memory_child(argv[1])
+    parser = train.OneLineParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="cpu", help="tiny (< 1 min, the tests), cpu (~15 min on 2 cores), gpu")
+    parser.add_argument("--out", default="results", help="folder for bench_<preset>.json and .csv")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no_core", action="store_true", help="skip the core GPT's compile on/off throughput")
+    try:
+        a = parser.parse_args(argv)
+        return run(a.preset, a.out, a.device, False if a.no_core else None)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
