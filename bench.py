@@ -20,6 +20,7 @@ Columns
                   gradients, AdamW state, activations), in a child process with glibc's mmap threshold at 64 KiB
                   (bench_mtp.py's method: freed tensors go back to the OS); CUDA: torch.cuda.max_memory_allocated
   val_ce          next-token cross-entropy (nats/token) on fixed val windows (MTP: head 1); CALM has none
+  brier1          Brier-1 alone (-1..1): it separates models whose Brier-3/4 are ~0, so whose BrierLM is 0
   brierlm         BrierLM (0..100, brierlm.py, two samples per position) at the same val positions for everyone,
   brierlm_se      and its standard error over positions (delta method; n/a when a Brier-n estimate is <= 0)
   disp_last       dispersion of the last layer (ln_f output; CALM: one vector per chunk), mean over val segments
@@ -79,7 +80,7 @@ ROWS = [("ntp", "ntp", {}), ("mtp n=2", "mtp", {"n_future": 2}), ("mtp n=4", "mt
         ("calm K=2", "calm", {"chunk_size": 2}), ("calm K=4", "calm", {"chunk_size": 4}),
         ("dispersion l=0.1", "dispersion", {"dispersion_weight": 0.1})]
 COLUMNS = ["objective", "status", "params", "train_iters", "train_flops", "ae_flops", "train_tok_s", "peak_mem_mib",
-           "val_ce", "brierlm", "brierlm_se", "disp_last", "gen_tok_s", "fwd_per_tok"]
+           "val_ce", "brier1", "brierlm", "brierlm_se", "disp_last", "gen_tok_s", "fwd_per_tok"]
 NOT_MEASURED = "not measured (no GPU in this run)"
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 peaks (SXM), for MFU
 
@@ -229,8 +230,7 @@ def brier_and_ce(model, objective, args, data, p, device):
     se = brierlm.brierlm_stderr(est)
     ce = val_cross_entropy(model, dispersion.fixed_batches(data, "val", p["eval_batches"], p["batch_size"], T, 1,
                                                            device))
-    return dict(brierlm=brierlm.summarize(est)["brierlm"], brierlm_se=se if se == se else "n/a (a Brier-n <= 0)",
-                val_ce=ce)
+    return dict(**brierlm.summarize(est), brierlm_se=se if se == se else "n/a (a Brier-n <= 0)", val_ce=ce)
 
 
 def train_autoencoder(K, p, device, work):
@@ -258,18 +258,19 @@ def run_row(label, objective_name, extra, p, device, work, ae_paths, data):
     ends = sorted({max(1, round(iters * (i + 1) / p["stages"])) for i in range(p["stages"])})
     curve = []
     for i, end in enumerate(ends):
-        quiet_train(to_argv({**flags, "max_iters": end, "eval_interval": end}) + (["--resume"] if i else []))
+        metrics = quiet_train(to_argv({**flags, "max_iters": end, "eval_interval": end}) + (["--resume"] if i else []))
         model, objective, args, _ = load_model(os.path.join(flags["out_dir"], "ckpt.pt"), device)
         curve.append(dict(iter=end, train_flops=flops_per_token * end * B * T,
                           **brier_and_ce(model, objective, args, data, p, device)))
     if isinstance(model, calm.CALM):
         row["ae_flops"] = ae_flops_per_token(model.ae) * p["ae_iters"] * B * T
+        row["ae_recon_acc"] = metrics["ae_recon_acc"]  # held-out; CALM decodes no better than its autoencoder
     windows = dispersion.fixed_batches(data, "val", p["eval_batches"], B, T - 4, seed=0, device=device)
     prompt = data.get_batch("val", 1, 16, torch.Generator().manual_seed(0), device)[0]
     gen_tok_s, fwd = generation(model, prompt, T - 16, device)
     row.update(status="ok", params=sum(q.numel() for q in model.parameters() if q.requires_grad),
                train_iters=iters, train_flops=curve[-1]["train_flops"],
-               **{k: curve[-1][k] for k in ("val_ce", "brierlm", "brierlm_se")},
+               **{k: curve[-1][k] for k in ("val_ce", "brier1", "brierlm", "brierlm_se")},
                disp_last=dispersion.layer_dispersion(model, windows)["final"],
                gen_tok_s=gen_tok_s, fwd_per_tok=fwd, curve=curve,
                train_tok_s=training_speed(model, objective, args, data, p["timing_steps"], device))
