@@ -394,7 +394,7 @@ def write_results(report, out, name):
     with open(os.path.join(out, f"{name}.csv"), "w") as f:
         f.write(",".join(COLUMNS) + "\n")
         for r in report["rows"]:
-            f.write(",".join(json.dumps(v) if isinstance(v, str) else fmt(v)
+            f.write(",".join(json.dumps(v) if isinstance(v, str) else repr(v)  # full precision
                              for v in (r.get(c, "") for c in COLUMNS)) + "\n")
 
 
