@@ -44,9 +44,7 @@ elementwise work are left out; attention at the full window T, the nanoGPT / PaL
                     SwiGLU layer: up a x 5a, down 2.5a x a); the energy-score distances are elementwise: left out
   autoencoder       6 (2 K A 7.5 a^2 + 2 K a^2 + 2 A 7.5 a^2 + 2 a l + l a + K a V) / K   (ae_flops, apart)
 """
-import argparse
 import contextlib
-import io
 import json
 import os
 import platform
@@ -55,7 +53,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -64,7 +61,8 @@ import calm
 import dispersion
 import train
 from data import load_data
-from gpt import GPT, UserError
+from bench_mtp import rss_kib
+from gpt import UserError
 from mtp import MTP, speculative_generate
 from sample import load_model
 
@@ -124,16 +122,6 @@ def common_flags(p, device):
 
 def to_argv(flags):
     return [s for k, v in flags.items() for s in (f"--{k}", str(v))]
-
-
-def quiet_train(argv):
-    """train.main with its progress lines captured; a failure becomes a UserError carrying the error line."""
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            return train.main(argv)
-    except SystemExit as e:
-        raise UserError(f"training exited {e.code}: {err.getvalue().strip().splitlines()[-1:]}") from None
 
 
 def architecture(flags):
@@ -236,7 +224,7 @@ def brier_and_ce(model, objective, args, data, p, device):
 def train_autoencoder(K, p, device, work):
     """CALM's autoencoder for chunk size K, trained before CALM (its FLOPs are reported apart, in ae_flops)."""
     ae_dir = os.path.join(work, f"autoencoder K={K}")
-    quiet_train(to_argv({**common_flags(p, device), "objective": "autoencoder", "out_dir": ae_dir, "chunk_size": K,
+    train.run_quietly(to_argv({**common_flags(p, device), "objective": "autoencoder", "out_dir": ae_dir, "chunk_size": K,
                          "max_iters": p["ae_iters"], "eval_interval": p["ae_iters"], "learning_rate": 3e-3,
                          "log_interval": p["ae_iters"], "warmup_iters": min(30, p["ae_iters"] // 10)}))
     return os.path.join(ae_dir, "ckpt.pt")
@@ -258,7 +246,7 @@ def run_row(label, objective_name, extra, p, device, work, ae_paths, data):
     ends = sorted({max(1, round(iters * (i + 1) / p["stages"])) for i in range(p["stages"])})
     curve = []
     for i, end in enumerate(ends):
-        metrics = quiet_train(to_argv({**flags, "max_iters": end, "eval_interval": end}) + (["--resume"] if i else []))
+        metrics = train.run_quietly(to_argv({**flags, "max_iters": end, "eval_interval": end}) + (["--resume"] if i else []))
         model, objective, args, _ = load_model(os.path.join(flags["out_dir"], "ckpt.pt"), device)
         curve.append(dict(iter=end, train_flops=flops_per_token * end * B * T,
                           **brier_and_ce(model, objective, args, data, p, device)))
@@ -278,11 +266,6 @@ def run_row(label, objective_name, extra, p, device, work, ae_paths, data):
 
 
 # ----------------------------------------------------------------------------- memory (child process on CPU)
-
-def rss_kib(field):
-    from bench_mtp import rss_kib as read
-    return read(field)
-
 
 def step_memory(flags, device):
     """Peak bytes of one training step (weights, gradients, AdamW state, activations) on random tokens."""

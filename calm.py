@@ -430,31 +430,7 @@ def ae_generate(model, idx, args, generator=None):
     return model.decode(model.encode(chunks)[0]).argmax(-1).flatten(1)[:, pad:]
 
 
-# ----------------------------------------------------------------------------- compute accounting
-
-def train_flops_per_token(model, args):
-    """Approximate training FLOPs per token (6 x weights touched, forward + backward): the backbone and its input
-    compression run once per chunk, the head N times per chunk, the frozen encoder forward only (2 x) once per
-    chunk. Attention-score FLOPs are left out, as in the 6N rule."""
-    count = lambda m: sum(p.numel() for n, p in m.named_parameters() if p.dim() >= 2 and "wte" not in n)  # noqa
-    if not isinstance(model, CALM):
-        return 6 * count(model) + 6 * model.config.n_embd * model.config.vocab_size   # GPT: blocks + lm_head
-    enc = count(model.ae.enc_tok) + count(model.ae.enc_in) + count(model.ae.enc_chunk) + count(model.ae.enc_out)
-    n_head = 1 if model.head_kind == "mse" else args.num_samples
-    per_chunk = 6 * (count(model.backbone) + count(model.compress)) + 6 * n_head * count(model.head) + 2 * enc
-    return per_chunk / model.K
-
-
 # ----------------------------------------------------------------------------- measurements for the tutorial
-
-def train_quietly(argv):
-    """train.main(argv) with its progress lines captured: (metrics, captured text)."""
-    import contextlib, io, train  # noqa: E401
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        metrics = train.main(argv)
-    return metrics, buf.getvalue()
-
 
 def sampler_at(model, temperature):
     """A draw() for brierlm at a temperature: CALM's likelihood-free sampler, or softmax(logits / T) for a GPT."""

@@ -24,7 +24,6 @@ states of the batch form ONE set (--dispersion_scope batch); --dispersion_scope 
 Zero vectors have no direction (cosine undefined): every function here raises UserError on one, none drops it.
 """
 import contextlib
-import io
 import math
 import os
 from dataclasses import dataclass
@@ -361,14 +360,8 @@ OBJECTIVES = {"dispersion": dict(config=DispersionConfig, build=build, loss=disp
 def run_training(argv, quiet=True):
     """train.main(argv), its printout captured when quiet; returns the checkpoint path. UserError if it fails."""
     import train
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf) if quiet else contextlib.nullcontext():
-        try:
-            train.main(argv)
-        except SystemExit as e:
-            raise UserError(f"training failed (exit {e.code}): {buf.getvalue()[-300:]}") from None
-    out_dir = argv[argv.index("--out_dir") + 1]
-    return os.path.join(out_dir, "ckpt.pt")
+    train.run_quietly(argv) if quiet else train.main(argv)
+    return os.path.join(argv[argv.index("--out_dir") + 1], "ckpt.pt")
 
 
 def train_with_snapshots(argv, snapshot_iters, eval_batches, layer="final", device="cpu"):

@@ -20,12 +20,13 @@ The loop below knows nothing else about any objective.
 import argparse
 import dataclasses
 import importlib
+import io
 import math
 import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stderr, redirect_stdout
 
 import numpy as np
 import torch
@@ -405,6 +406,20 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint written is kept", file=sys.stderr)
         sys.exit(130)
+
+
+def run_quietly(argv):
+    """main(argv) with its progress lines captured (notebooks, bench.py): returns the metrics. Warnings still reach
+    stderr; a failure becomes a UserError carrying main's one-line error."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            metrics = main(argv)
+    except SystemExit:
+        lines = err.getvalue().strip().splitlines() or ["training failed"]
+        raise UserError(lines[-1].removeprefix("error: ")) from None
+    sys.stderr.write(err.getvalue())
+    return metrics
 
 
 if __name__ == "__main__":
