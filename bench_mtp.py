@@ -14,6 +14,7 @@ Both count everything the step allocates: activations kept for backward, logits,
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -122,6 +123,7 @@ def main(argv=None):
     p.add_argument("--ckpt", nargs="+", default=[])
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the paper); > 0: speculative sampling")
     a = p.parse_args(argv)
     if a.what == "memory-child":
         print(one_step_memory(a.n[0], bool(a.naive), a.device, **json.loads(a.model)))
@@ -150,10 +152,13 @@ def main(argv=None):
     for path in a.ckpt:
         model, _, saved, _ = sample.load_model(path, a.device)
         data = load_data(saved.dataset, saved.tokenizer)
-        r = speculative_benchmark(model, data, a.prompts, 32, a.new_tokens)
-        print(f"{path}: {saved.dataset}/{saved.tokenizer} n={model.n_future} | {r['tokens_per_forward']:.2f} "
-              f"tokens/forward | speculative {r['speculative_s']:.2f}s vs cached greedy {r['greedy_s']:.2f}s = "
+        r = speculative_benchmark(model, data, a.prompts, 32, a.new_tokens, temperature=a.temperature)
+        print(f"{path}: {saved.dataset}/{saved.tokenizer} n={model.n_future} T={a.temperature} | "
+              f"{r['tokens_per_forward']:.2f} tokens/forward | speculative {r['speculative_s']:.2f}s vs cached "
+              f"{'greedy' if a.temperature == 0 else 'sampling'} {r['greedy_s']:.2f}s = "
               f"{r['speedup']:.2f}x | identical: {r['identical']}")
+        per = sorted(r["per_prompt"])
+        print(f"  per prompt ({len(per)}): min {per[0]:.2f} | median {statistics.median(per):.2f} | max {per[-1]:.2f}")
 
 
 if __name__ == "__main__":

@@ -275,18 +275,22 @@ OBJECTIVES = {"mtp": dict(config=MTPConfig, build=mtp_build, loss=mtp_loss, forw
                           evaluate=mtp_evaluate, generate=mtp_generate, draw=mtp_draw)}
 
 
-def speculative_benchmark(model, data, n_prompts=8, prompt_len=32, new_tokens=128, split="val", seed=0):
-    """Self-speculative vs cached greedy decoding on prompts drawn from a data split: mean accepted tokens per
-    forward, total wall-clock of each, speed-up, and whether every output was identical to greedy."""
+def speculative_benchmark(model, data, n_prompts=8, prompt_len=32, new_tokens=128, split="val", seed=0,
+                          temperature=0.0):
+    """Self-speculative vs cached decoding (greedy, or sampling at a temperature) on prompts drawn from a data
+    split: accepted tokens per forward (over all prompts, and per prompt), total wall-clock of each, speed-up, and
+    (greedy) whether every output was identical to plain greedy decoding."""
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     prompts, _ = data.get_batch(split, n_prompts, prompt_len, gen, device)
+    sampler = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
     tokens = forwards = spec_s = greedy_s = 0
-    identical = True
+    identical, per_prompt = True, []
     for p in prompts:
-        _, s = speculative_report(model, p[None], new_tokens)
+        _, s = speculative_report(model, p[None], new_tokens, temperature, generator=sampler)
+        per_prompt.append(s["tokens_per_forward"])
         tokens, forwards = tokens + s["tokens"], forwards + s["forwards"]
         spec_s, greedy_s = spec_s + s["seconds"], greedy_s + s["baseline_seconds"]
-        identical &= s["identical"]
+        identical = identical and s["identical"]
     return dict(tokens_per_forward=tokens / forwards, speculative_s=spec_s, greedy_s=greedy_s,
-                speedup=greedy_s / spec_s, identical=identical)
+                speedup=greedy_s / spec_s, identical=identical, per_prompt=per_prompt)

@@ -11,6 +11,7 @@ import data
 import sample
 import train
 from gpt import GPT, GPTConfig
+import mtp
 from mtp import MTP, head_loss, mtp_forward_backward, speculative_generate
 from util import one_line_error
 
@@ -106,6 +107,21 @@ def test_speculative_greedy_is_identical_to_greedy(n):
             assert stats["tokens"] == new and 1 <= stats["tokens_per_forward"] <= n
             accepted += stats["tokens"] - stats["forwards"]
     assert accepted > 0  # the verification / rollback path really ran
+
+
+def test_speculative_benchmark_reports_every_prompt_and_matches_greedy():
+    torch.manual_seed(3)
+    model = MTP(CFG, 3).eval()
+    for h in model.heads:  # extra heads = head 1's block: some drafts are accepted
+        h.load_state_dict(model.trunk.blocks[-1].state_dict())
+    fake = SimpleNamespace(get_batch=lambda split, b, t, gen, device: (torch.randint(37, (b, t), generator=gen), None))
+    r = mtp.speculative_benchmark(model, fake, n_prompts=3, prompt_len=5, new_tokens=12)
+    assert r["identical"] and len(r["per_prompt"]) == 3
+    assert all(1 <= x <= 3 for x in r["per_prompt"])
+    assert min(r["per_prompt"]) <= r["tokens_per_forward"] <= max(r["per_prompt"])
+    assert r["speedup"] == pytest.approx(r["greedy_s"] / r["speculative_s"])
+    r = mtp.speculative_benchmark(model, fake, n_prompts=3, prompt_len=5, new_tokens=12, temperature=1.0)
+    assert r["identical"] is None and all(1 <= x <= 3 for x in r["per_prompt"])  # sampling: no greedy reference
 
 
 def test_speculative_sampling_draws_from_head_1s_distribution():
