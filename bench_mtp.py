@@ -1,8 +1,8 @@
 """Benchmarks for mtp.py (numbers for the README and the tutorial; nothing here is asserted by a test).
 
-    python bench_mtp.py memory [--n 1 2 4 8] [--device cpu|cuda]   peak training memory, memory-efficient vs naive
+    python bench_mtp.py memory [--n 1 2 4 8] [--device cpu|cuda]     peak training memory, memory-efficient vs naive
     python bench_mtp.py speculative --ckpt out/mtp/ckpt.pt ...       tokens per forward and speed-up vs greedy
-    python bench_mtp.py costs [--n 2 4]                               when speculative decoding can pay off
+    python bench_mtp.py costs [--n 2 4] [--widths 192]               when speculative decoding can pay off
 
 Memory. On CUDA: torch.cuda.max_memory_allocated() during one training step, minus what was allocated before it
 (weights, gradients, optimizer-free). On CPU there is no allocator statistic, so each configuration runs in a fresh
@@ -117,6 +117,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["memory", "speculative", "costs", "memory-child"])
     p.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512, 1024], help="costs: n_embd values")
     p.add_argument("--naive", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="{}", help="JSON overrides of the memory model, e.g. '{\"n_embd\": 128}'")
@@ -140,7 +141,7 @@ def main(argv=None):
         return
     if a.what == "costs":
         print(f"per-forward cost on {a.device} (random weights, 8 blocks, byte vocabulary, 64 cached positions)")
-        for width in (128, 256, 512, 1024):
+        for width in a.widths:
             for n in a.n:
                 if n > 1:
                     g, s = forward_costs(n, width, device=a.device)
