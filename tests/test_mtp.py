@@ -11,8 +11,7 @@ import data
 import sample
 import train
 from gpt import GPT, GPTConfig
-import mtp
-from mtp import MTP, head_loss, mtp_forward_backward, speculative_generate
+from mtp import MTP, head_loss, mtp_forward_backward, speculative_benchmark, speculative_generate
 from util import one_line_error
 
 CFG = GPTConfig(block_size=24, vocab_size=37, n_layer=4, n_head=2, n_embd=16)
@@ -115,12 +114,12 @@ def test_speculative_benchmark_reports_every_prompt_and_matches_greedy():
     for h in model.heads:  # extra heads = head 1's block: some drafts are accepted
         h.load_state_dict(model.trunk.blocks[-1].state_dict())
     fake = SimpleNamespace(get_batch=lambda split, b, t, gen, device: (torch.randint(37, (b, t), generator=gen), None))
-    r = mtp.speculative_benchmark(model, fake, n_prompts=3, prompt_len=5, new_tokens=12)
+    r = speculative_benchmark(model, fake, n_prompts=3, prompt_len=5, new_tokens=12)
     assert r["identical"] and len(r["per_prompt"]) == 3
     assert all(1 <= x <= 3 for x in r["per_prompt"])
     assert min(r["per_prompt"]) <= r["tokens_per_forward"] <= max(r["per_prompt"])
     assert r["speedup"] == pytest.approx(r["greedy_s"] / r["speculative_s"])
-    r = mtp.speculative_benchmark(model, fake, n_prompts=3, prompt_len=5, new_tokens=12, temperature=1.0)
+    r = speculative_benchmark(model, fake, n_prompts=3, prompt_len=5, new_tokens=12, temperature=1.0)
     assert r["identical"] is None and all(1 <= x <= 3 for x in r["per_prompt"])  # sampling: no greedy reference
 
 
