@@ -224,9 +224,10 @@ def brier_and_ce(model, objective, args, data, p, device):
 def train_autoencoder(K, p, device, work):
     """CALM's autoencoder for chunk size K, trained before CALM (its FLOPs are reported apart, in ae_flops)."""
     ae_dir = os.path.join(work, f"autoencoder K={K}")
-    train.run_quietly(to_argv({**common_flags(p, device), "objective": "autoencoder", "out_dir": ae_dir, "chunk_size": K,
-                         "max_iters": p["ae_iters"], "eval_interval": p["ae_iters"], "learning_rate": 3e-3,
-                         "log_interval": p["ae_iters"], "warmup_iters": min(30, p["ae_iters"] // 10)}))
+    flags = {**common_flags(p, device), "objective": "autoencoder", "out_dir": ae_dir, "chunk_size": K,
+             "max_iters": p["ae_iters"], "eval_interval": p["ae_iters"], "learning_rate": 3e-3,
+             "log_interval": p["ae_iters"], "warmup_iters": min(30, p["ae_iters"] // 10)}
+    train.run_quietly(to_argv(flags))
     return os.path.join(ae_dir, "ckpt.pt")
 
 
@@ -246,7 +247,8 @@ def run_row(label, objective_name, extra, p, device, work, ae_paths, data):
     ends = sorted({max(1, round(iters * (i + 1) / p["stages"])) for i in range(p["stages"])})
     curve = []
     for i, end in enumerate(ends):
-        metrics = train.run_quietly(to_argv({**flags, "max_iters": end, "eval_interval": end}) + (["--resume"] if i else []))
+        resume = ["--resume"] if i else []
+        metrics = train.run_quietly(to_argv({**flags, "max_iters": end, "eval_interval": end}) + resume)
         model, objective, args, _ = load_model(os.path.join(flags["out_dir"], "ckpt.pt"), device)
         curve.append(dict(iter=end, train_flops=flops_per_token * end * B * T,
                           **brier_and_ce(model, objective, args, data, p, device)))
