@@ -409,7 +409,7 @@ def main(argv=None):
 
 
 def run_quietly(argv):
-    """main(argv) with its progress lines captured (notebooks, bench.py): returns the metrics. Warnings still reach
+    """main(argv) with its progress lines captured (notebooks, bench/): returns the metrics. Warnings still reach
     stderr; a failure becomes a UserError carrying main's one-line error."""
     out, err = io.StringIO(), io.StringIO()
     try:

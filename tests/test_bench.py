@@ -1,4 +1,4 @@
-"""bench.py: FLOPs formulas against hand counts, the tiny protocol end to end, failures and bad input."""
+"""bench/ (python -m bench): FLOPs formulas against hand counts, the tiny protocol end to end, failures and bad input."""
 import csv
 import json
 from types import SimpleNamespace
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+from bench import table
 import calm
 from gpt import GPT, GPTConfig
 from mtp import MTP
@@ -107,16 +108,16 @@ def test_flops_match_torch_flop_counter():
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    return bench.run("tiny", out=str(out), device="cpu", log=lambda *a: None), out
+    return table.run("tiny", out=str(out), device="cpu", log=lambda *a: None), out
 
 
 def test_tiny_protocol_fills_every_column(tiny_report):
     report, out = tiny_report
     rows = {r["objective"]: r for r in report["rows"]}
-    assert list(rows) == [label for label, _, _ in bench.ROWS]
+    assert list(rows) == [label for label, _, _ in table.ROWS]
     for r in rows.values():
         assert r["status"] == "ok"
-        for c in bench.COLUMNS:
+        for c in table.COLUMNS:
             assert r.get(c) not in (None, "") and "failed" not in str(r[c]), (r["objective"], c)
     budget = rows["ntp"]["train_flops"]
     for r in rows.values():  # same budget, up to rounding to whole iterations
@@ -130,29 +131,36 @@ def test_tiny_protocol_fills_every_column(tiny_report):
     # the BrierLM-vs-FLOPs curve: one point per stage, FLOPs growing to the row's total, the last point is the row
     for r in rows.values():
         flops = [point["train_flops"] for point in r["curve"]]
-        assert len(flops) == bench.PRESETS["tiny"]["stages"] and flops == sorted(flops) and flops[-1] == r["train_flops"]
+        assert len(flops) == table.PRESETS["tiny"]["stages"] and flops == sorted(flops) and flops[-1] == r["train_flops"]
         assert r["curve"][-1]["brierlm"] == r["brierlm"] and r["curve"][-1]["iter"] == r["train_iters"]
     with open(out / "bench_tiny.csv") as f:
-        table = list(csv.DictReader(f))
-    assert [r["objective"] for r in table] == list(rows) and all(all(r.values()) for r in table)
+        csv_rows = list(csv.DictReader(f))
+    assert [r["objective"] for r in csv_rows] == list(rows) and all(all(r.values()) for r in csv_rows)
     assert json.loads((out / "bench_tiny.json").read_text())["rows"][0]["objective"] == "ntp"
 
 
 def test_failed_objective_gets_its_row_and_the_rest_runs(tmp_path):
     rows = [("calm K=3", "calm", {"chunk_size": 3}), ("ntp", "ntp", {})]   # 3 does not divide block_size 32
-    report = bench.run("tiny", out=None, device="cpu", rows=rows, log=lambda *a: None)
+    report = table.run("tiny", out=None, device="cpu", rows=rows, log=lambda *a: None)
     bad, good = report["rows"]
     assert bad["status"].startswith("failed") and "chunk_size=3" in bad["status"]
     assert good["status"] == "ok" and good["brierlm"] >= 0
 
 
 def test_core_throughput_positive():
-    r = bench.core_throughput(bench.PRESETS["tiny"], "cpu", False, steps=1)
+    r = table.core_throughput(table.PRESETS["tiny"], "cpu", False, steps=1)
     assert r["tok_s"] > 0 and r["mfu"] == "n/a on CPU"
 
 
 def test_bad_presets(capsys, monkeypatch):
-    assert "unknown preset 'huge'" in one_line_error(capsys, bench.main, ["--preset", "huge"])
+    assert "unknown preset 'huge'" in one_line_error(capsys, table.main, ["--preset", "huge"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert "needs a CUDA GPU" in one_line_error(capsys, bench.main, ["--preset", "gpu"])
+    assert "needs a CUDA GPU" in one_line_error(capsys, table.main, ["--preset", "gpu"])
+
+
+def test_one_entry_point_dispatches_and_refuses_unknown_benchmarks(capsys):
+    from bench.__main__ import main
+    assert "choose a benchmark" in one_line_error(capsys, main, ["tables"])
+    assert "choose a benchmark" in one_line_error(capsys, main, [])
+    assert "unknown preset 'huge'" in one_line_error(capsys, main, ["table", "--preset", "huge"])

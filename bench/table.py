@@ -1,7 +1,7 @@
 """One table for all four papers: every objective trained on the same data, with the same backbone and the same
 training-FLOPs budget, then measured the same way.
 
-    python bench.py [--preset tiny|cpu|gpu] [--out results] [--device auto|cpu|cuda] [--no_core]
+    python -m bench table [--preset tiny|cpu|gpu] [--out results] [--device auto|cpu|cuda] [--no_core]
 
 Protocol. Bytes tokenizer on Tiny Shakespeare for everyone (CALM's autoencoder needs it, see calm.py). The NTP run
 gets `ntp_iters` iterations of batch_size x block_size tokens; that is the FLOPs budget, and every other objective
@@ -18,7 +18,7 @@ Columns
   train_tok_s     tokens/s of full training steps (forward, backward, AdamW), median of timed steps after 2 warm-up
   peak_mem_mib    CPU: peak resident set of one training step minus the process before the model existed (weights,
                   gradients, AdamW state, activations), in a child process with glibc's mmap threshold at 64 KiB
-                  (bench_mtp.py's method: freed tensors go back to the OS); CUDA: torch.cuda.max_memory_allocated
+                  (bench/mtp_bench.py's method: freed tensors go back to the OS); CUDA: torch.cuda.max_memory_allocated
   val_ce          next-token cross-entropy (nats/token) on fixed val windows (MTP: head 1); CALM has none
   brier1          Brier-1 alone (-1..1): it separates models whose Brier-3/4 are ~0, so whose BrierLM is 0
   brierlm         BrierLM (0..100, brierlm.py, two samples per position) at the same val positions for everyone,
@@ -29,20 +29,7 @@ Columns
   fwd_per_tok     backbone forward passes per generated token (counted by a hook on the first block)
 The core GPT's training throughput with --compile off and on (and MFU on CUDA) is printed below the table.
 
-Training FLOPs per token (2 per multiply-add, x3 for forward + backward; norms, softmax, GELU and other
-elementwise work are left out; attention at the full window T, the nanoGPT / PaLM convention):
-  d width, L blocks, V vocabulary, T block_size (tokens), a block has 12 d^2 weights
-  ntp, dispersion   6 (12 L d^2 + d V) + 12 L d T                (the dispersion loss is O(d) per token: left out)
-  mtp, n heads      6 (12 L d^2 + n d V) + 12 L d T              (L - n trunk blocks + n one-block heads = L blocks)
-  calm, K tokens    per chunk, divided by K:
-                    backbone   6 * 12 L d^2 + 12 L d (T/K)        (no unembedding: the energy head replaces it)
-                    compress   6 (2K + 2) d^2                    (Linear(K d -> 2d), Linear(2d -> d))
-                    head       6 d^2 + 6 N (s d + 6 H d^2 + d^2 + d l)   (cond_in once; noise_in, H head blocks of
-                                                                  6 d^2 and the output MLP for each of N samples)
-                    encoder    2 (K A 7.5 a^2 + K a^2 + A 7.5 a^2 + 2 a l)  (frozen, forward only: the targets)
-                    N num_samples, s noise_size, H head_layers, l latent_dim, a ae_dim, A ae_layers (7.5 a^2 per
-                    SwiGLU layer: up a x 5a, down 2.5a x a); the energy-score distances are elementwise: left out
-  autoencoder       6 (2 K A 7.5 a^2 + 2 K a^2 + 2 A 7.5 a^2 + 2 a l + l a + K a V) / K   (ae_flops, apart)
+Training FLOPs per token: bench/flops.py.
 """
 import contextlib
 import json
@@ -61,10 +48,12 @@ import calm
 import dispersion
 import train
 from data import load_data
-from bench_mtp import rss_kib
 from gpt import UserError
 from mtp import MTP, speculative_generate
 from sample import load_model
+
+from bench.flops import ae_flops_per_token, train_flops_per_token
+from bench.mtp_bench import rss_kib
 
 PRESETS = {
     "tiny": dict(model=dict(n_layer=4, n_head=2, n_embd=32, block_size=32), batch_size=8, ntp_iters=30, stages=2,
@@ -81,35 +70,6 @@ COLUMNS = ["objective", "status", "params", "train_iters", "train_flops", "ae_fl
            "val_ce", "brier1", "brierlm", "brierlm_se", "disp_last", "gen_tok_s", "fwd_per_tok"]
 NOT_MEASURED = "not measured (no GPU in this run)"
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 peaks (SXM), for MFU
-
-
-# ----------------------------------------------------------------------------- FLOPs (the docstring's table)
-
-def train_flops_per_token(model, block_size, num_samples=8):
-    """Training FLOPs per token of a GPT (ntp, dispersion), MTP or CALM model (energy head drawing num_samples
-    samples, --num_samples) for windows of block_size tokens, as in the module docstring."""
-    if isinstance(model, calm.CALM):
-        c, K = model.backbone.config, model.K
-        d, L, T = c.n_embd, c.n_layer, c.block_size            # backbone block_size is in chunks (T / K)
-        head, ae = model.head, model.ae
-        N = 1 if model.head_kind == "mse" else num_samples
-        s, H, lat = head.noise_size, len(head.blocks), ae.l
-        a, A = ae.wte.embedding_dim, len(ae.enc_tok)
-        backbone = 6 * 12 * L * d * d + 12 * L * d * T
-        compress = 6 * (2 * K + 2) * d * d
-        energy_head = 6 * d * d + 6 * N * (s * d + 6 * H * d * d + d * d + d * lat)
-        encoder = 2 * (K * A * 7.5 * a * a + K * a * a + A * 7.5 * a * a + 2 * a * lat)
-        return (backbone + compress + energy_head + encoder) / K
-    gpt, n = (model.trunk, model.n_future) if isinstance(model, MTP) else (model, 1)
-    c = gpt.config
-    L = model.n_layer if isinstance(model, MTP) else c.n_layer
-    return 6 * (12 * L * c.n_embd ** 2 + n * c.n_embd * c.vocab_size) + 12 * L * c.n_embd * block_size
-
-
-def ae_flops_per_token(ae):
-    """Training FLOPs per token of CALM's autoencoder (module docstring, last line)."""
-    K, a, A, lat, V = ae.K, ae.wte.embedding_dim, len(ae.enc_tok), ae.l, ae.wte.num_embeddings
-    return 6 * (2 * K * A * 7.5 * a * a + 2 * K * a * a + 2 * A * 7.5 * a * a + 2 * a * lat + lat * a + K * a * V) / K
 
 
 # ----------------------------------------------------------------------------- the protocol
@@ -307,10 +267,10 @@ def memory_table(all_flags, device):
     if str(device).startswith("cuda"):
         return {label: step_memory(f, device) / 2 ** 20 for label, f in all_flags.items()}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    here, res = os.path.dirname(os.path.abspath(__file__)), {}
+    root, res = os.path.dirname(os.path.dirname(os.path.abspath(__file__))), {}
     for label, flags in all_flags.items():
-        out = subprocess.run([sys.executable, os.path.join(here, "bench.py"), "memory-child", json.dumps(flags)],
-                             env=env, capture_output=True, text=True, cwd=here)
+        out = subprocess.run([sys.executable, "-m", "bench.table", "memory-child", json.dumps(flags)],
+                             env=env, capture_output=True, text=True, cwd=root)
         res[label] = (float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else
                       f"failed: {out.stderr.strip().splitlines()[-1:]}")
     return res
@@ -420,7 +380,7 @@ def run(preset="tiny", out="results", device="auto", core=None, rows=ROWS, work=
     memory = ("torch.cuda.max_memory_allocated of one training step" if cuda else
               "peak resident set of one training step minus the process before the model (CPU)")
     report = dict(preset=preset, protocol=p, device=device, hardware=hardware(device), memory=memory,
-                  seconds=time.time() - t0, command=f"python bench.py --preset {preset}", rows=results,
+                  seconds=time.time() - t0, command=f"python -m bench table --preset {preset}", rows=results,
                   core=core_rows, core_gpu=None if cuda else NOT_MEASURED)
     log(f"{preset} preset on {report['hardware']}; memory: {memory}")
     log(render(results))

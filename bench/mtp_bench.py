@@ -1,8 +1,8 @@
 """Benchmarks for mtp.py (numbers for the README and the tutorial; nothing here is asserted by a test).
 
-    python bench_mtp.py memory [--n 1 2 4 8] [--device cpu|cuda]     peak training memory, memory-efficient vs naive
-    python bench_mtp.py speculative --ckpt out/mtp/ckpt.pt ...       tokens per forward and speed-up vs greedy
-    python bench_mtp.py costs [--n 2 4] [--widths 192]               when speculative decoding can pay off
+    python -m bench mtp memory [--n 1 2 4 8] [--device cpu|cuda]     peak training memory, memory-efficient vs naive
+    python -m bench mtp speculative --ckpt out/mtp/ckpt.pt ...       tokens per forward and speed-up vs greedy
+    python -m bench mtp costs [--n 2 4] [--widths 192]               when speculative decoding can pay off
 
 Memory. On CUDA: torch.cuda.max_memory_allocated() during one training step, minus what was allocated before it
 (weights, gradients, optimizer-free). On CPU there is no allocator statistic, so each configuration runs in a fresh
@@ -11,7 +11,6 @@ freed, so the resident set follows live tensors), one warm-up step first (gradie
 resident set (VmHWM, reset through /proc/self/clear_refs) during one more step minus the resident set before it.
 Both count everything the step allocates: activations kept for backward, logits, transient buffers.
 """
-import argparse
 import json
 import os
 import statistics
@@ -24,6 +23,7 @@ import torch
 
 from gpt import GPT, GPTConfig
 from mtp import MTP, mtp_forward_backward, speculative_benchmark
+from train import OneLineParser
 
 MEMORY_MODEL = dict(vocab_size=50257, n_layer=8, n_head=4, n_embd=256, block_size=128)  # GPT-2 vocabulary
 MEMORY_BATCH = 4
@@ -68,10 +68,10 @@ def measure_memory(n_values=(1, 2, 4, 8), device="cpu", **model):
     """{'ntp': bytes, 'efficient': {n: bytes}, 'naive': {n: bytes}}, each configuration in its own process."""
     def child(n, naive):
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-        cmd = [sys.executable, os.path.abspath(__file__), "memory-child", "--n", str(n), "--naive", str(int(naive)),
+        cmd = [sys.executable, "-m", "bench.mtp_bench", "memory-child", "--n", str(n), "--naive", str(int(naive)),
                "--device", device, "--model", json.dumps(model)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         return int(out.stdout.strip().splitlines()[-1])
     result = {"ntp": child(0, False), "efficient": {}, "naive": {}}
     for n in n_values:
@@ -114,7 +114,7 @@ def forward_costs(n_future, n_embd, n_layer=8, vocab_size=256, context=64, repea
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("what", choices=["memory", "speculative", "costs", "memory-child"])
     p.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512, 1024], help="costs: n_embd values")

@@ -1,12 +1,11 @@
 """Generation speed: CALM (one vector = K tokens per backbone step) against next-token prediction with the same
 backbone, both with a KV cache, batch 1. Random weights (speed does not depend on training).
 
-    python bench_calm.py [--K 4] [--tokens 256] [--n_layer 4 --n_embd 128 --n_head 4] [--device cpu|cuda]
+    python -m bench calm [--K 4] [--tokens 256] [--n_layer 4 --n_embd 128 --n_head 4] [--device cpu|cuda]
 
 Reports backbone steps per generated token, tokens/s, and where CALM's time goes (backbone, input compression,
 energy head, autoencoder decoder), each timed by synchronised wall clock around the module calls.
 """
-import argparse
 import time
 from collections import defaultdict
 from types import SimpleNamespace
@@ -15,6 +14,7 @@ import torch
 
 import calm
 from gpt import GPT, GPTConfig
+from train import OneLineParser
 
 
 def sync(device):
@@ -49,7 +49,7 @@ def run(fn, device, repeats):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--K", type=int, default=4)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--n_layer", type=int, default=4)

@@ -1,0 +1,9 @@
+"""Benchmarks: the numbers of the README and the tutorials (nothing here is asserted by a test's clock).
+
+    python -m bench table [--preset tiny|cpu|gpu]      every objective on one table, same data, backbone and FLOPs
+    python -m bench mtp memory|speculative|costs       multi-token prediction: memory, accepted tokens, verify cost
+    python -m bench calm [--K 4]                       CALM's generation speed against next-token prediction
+
+bench/flops.py holds the one training-FLOPs formula every comparison uses: bench.train_flops_per_token.
+"""
+from bench.flops import ae_flops_per_token, train_flops_per_token  # noqa: F401  (bench.train_flops_per_token)

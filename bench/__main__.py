@@ -1,0 +1,27 @@
+"""python -m bench <table|mtp|calm> [flags]: one entry point for every benchmark (see bench/__init__.py)."""
+import importlib
+import sys
+
+from gpt import UserError
+
+COMMANDS = {"table": "bench.table", "mtp": "bench.mtp_bench", "calm": "bench.calm_bench"}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(importlib.import_module("bench").__doc__)
+        return
+    try:
+        if not argv or argv[0] not in COMMANDS:
+            raise UserError(f"choose a benchmark: python -m bench {{{'|'.join(COMMANDS)}}} [flags] "
+                            f"(got {' '.join(argv[:1]) or 'nothing'})")
+        sys.argv[0] = f"python -m bench {argv[0]}"
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
