@@ -25,9 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data import load_data
 from gpt import GPT, UserError
+from runtime import OneLineParser, Progress, default_draw, load_model, pick_device
 
 MAX_N = 4  # the paper's BrierLM uses n = 1 .. 4
+WINDOW_BYTES = 2 ** 30  # every evaluation window is built at once: N x (context + 4) int64 must fit in 1 GiB
 
 
 def check_n(max_n):
@@ -111,6 +114,10 @@ def eval_windows(data, split, n_positions, ctx_len, generator, max_n=MAX_N):
     tokens = data.split(split)
     if n_positions < 1:
         raise UserError(f"the number of BrierLM positions must be at least 1, got {n_positions}")
+    if n_positions * (ctx_len + max_n) * 8 > WINDOW_BYTES:
+        raise UserError(f"{n_positions:,} BrierLM positions need {n_positions * (ctx_len + max_n) * 8 / 2 ** 30:.1f} "
+                        f"GiB of windows, built at once; use at most {WINDOW_BYTES // ((ctx_len + max_n) * 8):,} "
+                        f"(and average several seeds)")
     if len(tokens) < ctx_len + max_n + 1:
         raise UserError(f"the {split!r} split ({len(tokens)} tokens) is shorter than one BrierLM window "
                         f"({ctx_len} context + {max_n} tokens)")
@@ -126,8 +133,7 @@ def get_draw(model, objective):
         return objective["draw"]
     if model is None or not hasattr(model, "generate"):
         raise UserError("BrierLM needs a sampler: this objective has no draw() and its model no generate()")
-    import train
-    return train.default_draw
+    return default_draw
 
 
 def model_device(model):
@@ -137,11 +143,12 @@ def model_device(model):
 
 @torch.no_grad()
 def brier_eval(model, objective, data, args, n_positions, seed, split="val", batch_positions=None,
-               variance_reduced=False):
+               variance_reduced=False, progress=None):
     """Per-position Brier-n estimates, (N, 4) numpy, from two draws per position; variance_reduced=True adds
     the lower-variance estimates of a model with logits (N, 4) and the exact Brier-1 (N,) (valid when draw()
     samples the model's own softmax at temperature 1, as the default draw does). Deterministic in seed (for a
-    given batch_positions); the global torch RNG is saved and restored, so training's random stream is untouched."""
+    given batch_positions); the global torch RNG is saved and restored, so training's random stream is untouched.
+    progress(positions done), if given, is called after every batch."""
     draw = get_draw(model, objective)
     device = model_device(model)
     ctx_len = context_length(args)
@@ -173,6 +180,8 @@ def brier_eval(model, objective, data, args, n_positions, seed, split="val", bat
                     reduced = variance_reduced_estimates(logits_fn, ctx, ref, x1, x2).cpu()
                     out["reduced"].append(reduced)
                     out["exact1"].append(reduced[:, 0])  # n = 1 has no sampled part left: the exact Brier-1
+                if progress is not None:
+                    progress(lo + B)
     finally:
         if was_training:
             model.train()
@@ -208,8 +217,6 @@ def val_cross_entropy(model, objective, data, args, n_batches=20, batch_size=16,
 def score_checkpoint(path, n_positions=512, seed=0, ce_batches=20, variance_reduced=True, device="cpu"):
     """Val cross-entropy and BrierLM (two-sample, and variance-reduced for token models) of one checkpoint,
     with standard errors and the per-position estimates ('sampled', 'reduced', 'exact1')."""
-    from data import load_data
-    from sample import load_model
     model, objective, saved, _ = load_model(path, device)
     saved.device = device
     data = load_data(saved.dataset, saved.tokenizer)
@@ -269,10 +276,17 @@ def spearman(a, b):
 
 # ----------------------------------------------------------------------------- command line
 
+def uncertainty(e):
+    """'±se' of BrierLM from per-position estimates e (N, 4), or why there is none."""
+    se = brierlm_stderr(e)
+    if math.isfinite(se):
+        return f"±{se:.3f}"
+    low = [f"Brier-{n + 1}" for n, b in enumerate(e.mean(0)) if b <= 0]
+    return (f" (no ±: {', '.join(low)} <= 0 clamps the score to 0, where it has no standard error; "
+            f"read the Brier-n above, or use more positions)")
+
+
 def main(argv=None):
-    from data import load_data
-    from sample import load_model
-    from train import OneLineParser, pick_device
     parser = OneLineParser(description="BrierLM (Brier-1..4) of any checkpoint, from samples only")
     parser.add_argument("--ckpt", default="out/ntp/ckpt.pt")
     parser.add_argument("--positions", type=int, default=None, help="val positions (default: the checkpoint's "
@@ -283,24 +297,25 @@ def main(argv=None):
     parser.add_argument("--exact", action="store_true", help="token models: also the exact Brier-1 and the "
                                                               "variance-reduced Brier-n")
     try:
-        a = parser.parse_args(argv)
+        a = parser.parse_args(argv)  # every number checked (runtime.NUMBER_RULES): positions >= 2, seed
         device = pick_device(a.device)
         model, objective, saved, _ = load_model(a.ckpt, device)
         saved.device = device
         n = a.positions if a.positions is not None else max(256, getattr(saved, "brier_positions", 0))
         a.seed = saved.seed if a.seed is None else a.seed
-        data = load_data(saved.dataset, saved.tokenizer)
         if a.exact and not isinstance(model, GPT):
             raise UserError("--exact needs a model with next-token probabilities (a plain GPT, e.g. ntp)")
-        r = brier_eval(model, objective, data, saved, n, a.seed, a.split, variance_reduced=a.exact)
-        print(f"{a.ckpt}: {n} positions of {data.name}/{a.split}, seed {a.seed}, context {context_length(saved)}")
+        ctx_len = context_length(saved)
+        data = load_data(saved.dataset, saved.tokenizer)
+        r = brier_eval(model, objective, data, saved, n, a.seed, a.split, variance_reduced=a.exact,
+                       progress=Progress("BrierLM", n, "positions"))
+        print(f"{a.ckpt}: {n} positions of {data.name}/{a.split}, seed {a.seed}, context {ctx_len}")
         rows = [("sampled (two-sample)", r["sampled"])] + ([("variance-reduced", r["reduced"])] if a.exact else [])
         for name, e in rows:
             se = e.std(0, ddof=1) / math.sqrt(len(e))
             s = summarize(e)
             print(f"  {name:21s}" + "".join(f" Brier-{i + 1} {s[f'brier{i + 1}']:.4f}±{se[i]:.4f} |"
-                                             for i in range(MAX_N)) +
-                  f" BrierLM {s['brierlm']:.3f}±{brierlm_stderr(e):.3f}")
+                                             for i in range(MAX_N)) + f" BrierLM {s['brierlm']:.3f}{uncertainty(e)}")
         if a.exact:
             print(f"  exact Brier-1 {r['exact1'].mean():.4f}±{r['exact1'].std(ddof=1) / math.sqrt(n):.4f}")
     except UserError as e:

@@ -135,12 +135,31 @@ def split_texts(name):
     raise UserError(f"unknown dataset {name!r}: choose shakespeare, pystdlib, file:PATH, A+B, induction or polynomial")
 
 
+def text_file_bytes(path, max_invalid=0.01):
+    """The bytes of a file: dataset, refused when it cannot be text (empty, NUL bytes, over 1% invalid UTF-8);
+    a few invalid UTF-8 sequences become U+FFFD with a warning that counts them."""
+    raw = path.read_bytes()
+    if not raw:
+        raise UserError(f"dataset file is empty: {path}")
+    if b"\0" in raw:
+        raise UserError(f"dataset file {path} is binary, not text (it has NUL bytes; UTF-16 text must be converted "
+                        f"to UTF-8 first)")
+    text = raw.decode("utf-8", errors="replace")
+    invalid = text.count("\ufffd") - raw.count("\ufffd".encode())  # replacement characters that were not there
+    if invalid > max_invalid * len(text):
+        raise UserError(f"dataset file {path} is not UTF-8 text ({invalid:,} invalid sequences in {len(raw):,} bytes)")
+    if invalid:
+        print(f"WARNING: dataset file {path} has {invalid:,} invalid UTF-8 sequences: each becomes U+FFFD",
+              file=sys.stderr)
+    return raw
+
+
 def dataset_key(name):
     if name.startswith("file:"):
         path = Path(name[5:]).expanduser()
         if not path.is_file():
             raise UserError(f"dataset file not found: {path}")
-        digest = hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+        digest = hashlib.sha1(text_file_bytes(path)).hexdigest()[:12]  # checked at every load, cached or not
         return f"file-{path.stem}-{digest}"
     if name == "pystdlib":
         return f"pystdlib-py{sys.version_info.major}.{sys.version_info.minor}"

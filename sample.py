@@ -2,30 +2,38 @@
 
     python sample.py --ckpt out/ntp/ckpt.pt --prompt "ROMEO:" --max_new_tokens 200 --temperature 0.8 --top_k 200
     python sample.py --ckpt out/mtp/ckpt.pt --speculative      (multi-token checkpoints: self-speculative decoding)
+    python sample.py --ckpt out/calm/autoencoder/ckpt.pt --prompt "ROMEO:"   (an autoencoder: the round trip)
+
+The text goes to stdout; a run longer than a few seconds also prints a progress line with an ETA to stderr.
 """
-import argparse
 import sys
-from types import SimpleNamespace
 
 import torch
 
-from data import get_tokenizer
-from gpt import UserError
-from train import OneLineParser, get_objective, gpt_config, load_checkpoint, pick_device
+from gpt import Block, UserError
+from runtime import OneLineParser, Progress, load_model, pick_device  # noqa: F401  (sample.load_model: notebooks)
 
 
-def load_model(ckpt_path, device="cpu"):
-    """(model in eval mode, objective, saved args, tokenizer) from a checkpoint written by train.py."""
-    ckpt = load_checkpoint(ckpt_path, map_location=device)
-    saved = SimpleNamespace(**ckpt["args"])
-    objective = get_objective(ckpt["objective"])
-    tokenizer = get_tokenizer(saved.tokenizer)
-    model = objective["build"](gpt_config(saved, tokenizer.vocab_size), saved, None)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise UserError(f"{ckpt_path}: weights do not match the model its own config describes") from None
-    return model.to(device).eval(), objective, saved, tokenizer
+def count_steps(model, progress, tokens_per_step, max_new_tokens):
+    """Report progress from the first Transformer block's calls: one per decoding step (GPT: 1 token, CALM: K)."""
+    block = next((m for m in model.modules() if isinstance(m, Block)), None)
+    steps = [0]
+
+    def hook(*_):
+        steps[0] += 1
+        progress(min(max_new_tokens, steps[0] * tokens_per_step))
+    return block.register_forward_hook(hook) if block is not None else None
+
+
+def round_trip(model, objective, saved, tokenizer, ids, device):
+    """An autoencoder does not continue text: show what it makes of the prompt, and how much survives."""
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    out = objective["generate"](model, idx, saved, None)[0].tolist()
+    same = sum(a == b for a, b in zip(ids, out))
+    print(f"autoencoder checkpoint: it reconstructs text (K={saved.chunk_size} tokens <-> one vector) instead of "
+          f"continuing it; the round trip of --prompt:", file=sys.stderr)
+    print(f"input:  {tokenizer.decode(ids)!r}\noutput: {tokenizer.decode(out)!r}\n"
+          f"{same}/{len(ids)} tokens reconstructed")
 
 
 def main(argv=None):
@@ -42,15 +50,11 @@ def main(argv=None):
     parser.add_argument("--temp_sampler", choices=["batch", "exact"], default=None,
                         help="calm checkpoints: likelihood-free temperature sampler (default: the training setting)")
     try:
-        args = parser.parse_args(argv)
-        if args.max_new_tokens < 1:
-            raise UserError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+        args = parser.parse_args(argv)  # every number checked (runtime.NUMBER_RULES): top_k >= 1, finite T >= 0
         device = pick_device(args.device)
         model, objective, saved, tokenizer = load_model(args.ckpt, device)
         if args.temperature is None:
             args.temperature = objective.get("default_temperature", 0.8)
-        if args.temperature < 0:
-            raise UserError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
         for k in ("max_new_tokens", "temperature", "top_k", "speculative", "temp_sampler"):
             if getattr(args, k) is not None:
                 setattr(saved, k, getattr(args, k))
@@ -60,10 +64,20 @@ def main(argv=None):
             raise UserError(f"the {tokenizer.name} tokenizer cannot encode the prompt ({e})") from None
         if not ids:
             raise UserError("the prompt is empty after tokenization")
+        if saved.objective == "autoencoder":
+            return round_trip(model, objective, saved, tokenizer, ids, device)
         generator = torch.Generator(device).manual_seed(args.seed)
+        total = args.num_samples * args.max_new_tokens
+        progress = Progress("sampling", total, "tokens")
         for i in range(args.num_samples):
             idx = torch.tensor([ids], dtype=torch.long, device=device)
-            out = objective["generate"](model, idx, saved, generator)
+            hook = None if args.speculative else count_steps(
+                model, lambda n: progress(i * args.max_new_tokens + n), getattr(model, "K", 1), args.max_new_tokens)
+            try:
+                out = objective["generate"](model, idx, saved, generator)
+            finally:
+                if hook is not None:
+                    hook.remove()
             print(tokenizer.decode(out[0].tolist()))
             if i + 1 < args.num_samples:
                 print("-" * 40)

@@ -3,7 +3,8 @@
     python train.py --objective ntp|mtp|autoencoder|calm|dispersion [--preset cpu|gpu] [--any_config_field VALUE]
     torchrun --nproc_per_node 2 train.py ...       (data parallel: nccl on GPU, gloo on CPU)
 
-An objective is a dict, defined next to its paper (NTP below, the others in mtp.py, calm.py, dispersion.py):
+An objective is a dict, defined next to its paper (mtp.py, calm.py, dispersion.py; the plain next-token objective
+NTP in runtime.py, which also finds objectives by name, saves and loads checkpoints and parses flags):
   config            dataclass of the objective's own flags (added to the command line), or None
   build(gcfg, args, data) -> nn.Module            gcfg: the GPTConfig built from the flags
   loss(model, x, y, args) -> (loss, {name: float})  x, y: (B, T) tokens and next-token targets
@@ -17,9 +18,7 @@ An objective is a dict, defined next to its paper (NTP below, the others in mtp.
                                                   what BrierLM needs (default: generate at temperature 1)
 The loop below knows nothing else about any objective.
 """
-import argparse
 import dataclasses
-import importlib
 import io
 import math
 import os
@@ -32,43 +31,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import brierlm
 from data import load_data
-from gpt import GPT, GPTConfig, UserError
-
-
-# ----------------------------------------------------------------------------- the next-token objective
-
-def ntp_loss(model, x, y, args):
-    _, loss = model(x, y)
-    return loss, {}
-
-
-def ntp_generate(model, idx, args, generator=None):
-    if getattr(args, "speculative", False):
-        raise UserError("--speculative needs a multi-token (mtp) checkpoint with extra heads")
-    return model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator=generator)
-
-
-NTP = dict(config=None, build=lambda gcfg, args, data: GPT(gcfg), loss=ntp_loss, generate=ntp_generate)
-
-# objective name -> module that defines OBJECTIVES[name] (imported only when asked for)
-REGISTRY = {"ntp": "train", "mtp": "mtp", "autoencoder": "calm", "calm": "calm", "dispersion": "dispersion"}
-
-
-def get_objective(name):
-    if name not in REGISTRY:
-        raise UserError(f"unknown objective {name!r}: choose from {', '.join(REGISTRY)}")
-    if name == "ntp":
-        return NTP
-    try:
-        module = importlib.import_module(REGISTRY[name])
-    except ModuleNotFoundError:
-        raise UserError(f"objective {name!r} is not implemented yet ({REGISTRY[name]}.py is missing)") from None
-    return module.OBJECTIVES[name]
-
-
-def default_draw(model, ctx, n_tokens, generator, args):
-    return model.generate(ctx, n_tokens, temperature=1.0, generator=generator)[:, -n_tokens:]
+from gpt import GPTConfig, UserError
+from runtime import (NTP, REGISTRY, OneLineParser, OutDirLock, default_draw, duration, first_non_finite,  # noqa: F401
+                     get_objective, gpt_config, load_checkpoint, model_keys, ntp_generate, ntp_loss, parse_bool,
+                     pick_device, save_checkpoint)
+# (NTP, the objective registry, checkpoints, devices and the parser live in runtime.py, below the paper files;
+#  the names above stay importable from train for notebooks and bench/.)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -117,19 +87,15 @@ def add_fields(parser, cls, skip=()):
         if f.name in skip:
             continue
         if f.type in (bool, "bool"):
-            parser.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?",
-                                const=True, default=f.default)
+            parser.add_argument(f"--{f.name}", type=parse_bool, nargs="?", const=True, default=f.default)
         else:
             kind = {"int": int, "float": float, "str": str}.get(getattr(f.type, "__name__", f.type), str)
             parser.add_argument(f"--{f.name}", type=kind, default=f.default)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(message)
-
-
 def parse_args(argv=None):
+    """(args, objective). Every number is checked by OneLineParser (runtime.NUMBER_RULES); args.typed holds the
+    flags given on the command line."""
     first = OneLineParser(add_help=False)
     first.add_argument("--objective", default="ntp")
     first.add_argument("--preset", default="cpu")
@@ -144,7 +110,6 @@ def parse_args(argv=None):
         add_fields(parser, objective["config"])
     parser.set_defaults(**PRESETS[known.preset])
     args = parser.parse_args(argv)
-    args.explicit = {k for k, v in vars(args).items() if v != parser.get_default(k)}
     args.out_dir = args.out_dir or os.path.join("out", args.objective)
     args.min_lr = args.learning_rate / 10 if args.min_lr is None else args.min_lr
     args.lr_decay_iters = args.max_iters if args.lr_decay_iters is None else args.lr_decay_iters
@@ -152,78 +117,51 @@ def parse_args(argv=None):
         setattr(args, k, v)
     args.temperature = objective.get("default_temperature", args.temperature)  # CALM's T must be 1/n
     args.max_new_tokens = args.sample_tokens
-    for name in ("batch_size", "max_iters", "eval_iters", "block_size", "n_layer", "grad_accum"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args, objective
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig)] + ["objective", "dataset", "tokenizer"]
-
-
-def load_checkpoint(path, map_location="cpu"):
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        assert isinstance(ckpt, dict) and "model" in ckpt and "args" in ckpt
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint of this project ({type(e).__name__})") from None
-    return ckpt
-
-
-def save_checkpoint(path, state):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a broken ckpt.pt
-
-
-def model_keys(objective):
-    return MODEL_KEYS + ([f.name for f in dataclasses.fields(objective["config"])] if objective["config"] else [])
+# settings that change the optimisation but not the model: on --resume they come from the command line, and a
+# value that differs from the checkpoint's is reported
+SCHEDULE_KEYS = ["batch_size", "grad_accum", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters",
+                 "weight_decay", "beta1", "beta2", "grad_clip"]
 
 
 def merge_resumed_args(args, ckpt, objective):
-    """Model-shaping settings come from the checkpoint; an explicit flag that contradicts one is an error."""
+    """Model-shaping settings come from the checkpoint; a typed flag that contradicts one is an error. Returns
+    the schedule settings that differ from the checkpoint's run (they apply from now on)."""
     if ckpt["objective"] != args.objective:
         raise UserError(f"checkpoint was trained with --objective {ckpt['objective']}, not {args.objective}")
     saved = ckpt["args"]
     for k in model_keys(objective):
-        if k in args.explicit and k in saved and getattr(args, k) != saved[k]:
+        if k in args.typed and k in saved and getattr(args, k) != saved[k]:
             raise UserError(f"checkpoint has {k}={saved[k]!r} but --{k} {getattr(args, k)!r} was given")
         if k in saved:
             setattr(args, k, saved[k])
-
-
-def gpt_config(args, vocab_size):
-    return GPTConfig(vocab_size=vocab_size, **{f.name: getattr(args, f.name) for f in dataclasses.fields(GPTConfig)
-                                               if f.name != "vocab_size"})
+    return [f"--{k} {getattr(args, k)} (checkpoint: {saved[k]})" for k in SCHEDULE_KEYS
+            if k in saved and getattr(args, k) != saved[k]]
 
 
 def rng_state(batch_gen):
+    """Every random stream, as tensors and plain Python values (what weights_only loading accepts)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                numpy=np.random.get_state(), python=random.getstate(), batches=batch_gen.get_state())
+                numpy=(kind, keys.tolist(), pos, has_gauss, gauss), python=random.getstate(),
+                batches=batch_gen.get_state())
 
 
 def set_rng_state(state, batch_gen):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     batch_gen.set_state(state["batches"])
 
 
 # ----------------------------------------------------------------------------- the loop
-
-def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
 
 def lr_at(it, args):
     """Linear warm-up, then cosine decay from learning_rate to min_lr at lr_decay_iters."""
@@ -259,12 +197,7 @@ def evaluate(model, objective, data, args, ctx):
     if objective.get("evaluate"):
         out.update(objective["evaluate"](model, data, args))
     if args.brier_positions > 0:
-        try:
-            import brierlm
-        except ModuleNotFoundError:
-            brierlm = None
-        if brierlm is not None:
-            out.update(brierlm.evaluate_objective(model, objective, data, args))
+        out.update(brierlm.evaluate_objective(model, objective, data, args))
     model.train()
     return out
 
@@ -289,23 +222,61 @@ def all_reduce_grads(model, world):
         g.copy_(chunk.view_as(g))
 
 
+LONG_BLOCK = 4096  # above this, warn with the cost: attention grows with block_size^2
+
+
+def warn_long_block(args, model, vocab_size, tokens_per_iter):
+    if args.block_size <= LONG_BLOCK:
+        return
+    n_params = sum(p.numel() for p in model.parameters())
+    attention = 6 * args.n_layer * args.block_size * args.n_embd    # per token, causal, forward + backward
+    flops = tokens_per_iter * (6 * n_params + attention)
+    logits_gb = 3 * args.batch_size * args.block_size * vocab_size * 4 / 1e9  # (B, T, V) logits, softmax, grad
+    print(f"WARNING: --block_size {args.block_size}: attention grows with block_size^2; one iteration is "
+          f"~{flops:.1e} FLOPs ({attention / (6 * n_params + attention):.0%} attention, "
+          f"{duration(flops / 1e11)} at 0.1 TFLOP/s) and its logits take ~{logits_gb:.1f} GB; "
+          f"the first progress line gives the ETA", file=sys.stderr)
+
+
 def train(args, objective):
+    """Devices, processes and the out_dir lock around fit(); the lock is released however fit() ends."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     args.device = pick_device(args.device)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume and not os.path.exists(ckpt_path):  # before anything is created
+        raise UserError(f"--resume: nothing to resume, no checkpoint at {ckpt_path}")
     if world > 1:
         if args.device == "cuda":
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(args.device)
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    lock = OutDirLock(args.out_dir) if rank == 0 else None  # one training per out_dir
+    try:
+        return fit(args, objective, world, rank, ckpt_path)
+    finally:
+        if lock is not None:
+            lock.release()
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def fit(args, objective, world, rank, ckpt_path):
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    saved = None
+    if master and os.path.exists(ckpt_path + ".tmp"):  # we hold the lock: nobody else is writing it
+        os.remove(ckpt_path + ".tmp")
+        log(f"removed {ckpt_path}.tmp, a partial checkpoint left by an interrupted run")
+    saved, changed = None, []
     if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise UserError(f"--resume: nothing to resume, no checkpoint at {ckpt_path}")
         saved = load_checkpoint(ckpt_path)
-        merge_resumed_args(args, saved, objective)
+        missing = [k for k in ("optimizer", "rng", "iter") if k not in saved]
+        if missing or not isinstance(saved["iter"], int):
+            raise UserError(f"{ckpt_path} cannot be resumed: it lacks {', '.join(missing) or 'an integer iter'}")
+        changed = merge_resumed_args(args, saved, objective)
+        if saved["iter"] > args.max_iters:
+            raise UserError(f"--resume: {ckpt_path} is at iteration {saved['iter']}, past --max_iters "
+                            f"{args.max_iters}; pass --max_iters above {saved['iter']} to train on, or --overwrite "
+                            f"to start again")
     elif os.path.exists(ckpt_path) and not args.overwrite:
         raise UserError(f"{ckpt_path} exists: pass --resume to continue it, --overwrite to replace it, "
                         f"or choose another --out_dir")
@@ -326,64 +297,97 @@ def train(args, objective):
     batch_gen = torch.Generator().manual_seed(args.seed)  # the data position: same on every rank
     start, metrics = 0, {}
     if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        set_rng_state(saved["rng"], batch_gen)
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            set_rng_state(saved["rng"], batch_gen)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{ckpt_path} cannot be resumed: its state does not fit this model "
+                            f"({type(e).__name__})") from None
         start, metrics = saved["iter"], saved.get("metrics", {})
         log(f"resumed from {ckpt_path} at iteration {start}")
+        if changed:
+            log("resume: these settings come from the command line, not the checkpoint: " + ", ".join(changed))
+        if start == args.max_iters:
+            log(f"nothing to train: the checkpoint is already at --max_iters {args.max_iters}")
+            return metrics
     if args.compile:
         for m in model.modules():  # compile each Transformer block: every objective benefits
             if type(m).__name__ == "Block":
                 m.compile()
-    os.makedirs(args.out_dir, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"objective {args.objective} | data {data.name}/{data.tokenizer.name} | {n_params / 1e6:.2f}M trainable "
         f"params | device {args.device} | {world} process(es)")
-
-    def checkpoint(it):
-        if master:
-            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), iter=it, metrics=metrics,
-                         args={k: v for k, v in vars(args).items() if k != "explicit"}, objective=args.objective,
-                         rng=rng_state(batch_gen))
-            save_checkpoint(ckpt_path, state)
-
     B, T = args.batch_size, args.block_size
     tokens_per_iter = B * T * args.grad_accum * world
-    t0, t_log, loss_value = time.time(), time.time(), float("nan")
-    for it in range(start, args.max_iters + 1):
-        if (it % args.eval_interval == 0 or it == args.max_iters) and not (saved is not None and it == start):
-            metrics.update(evaluate(model, objective, data, args, ctx), iter=it)
-            log(f"eval {it}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "iter"))
-            checkpoint(it)
-            t_log = time.time()  # the progress line's speed leaves evaluation out
-        if it == args.max_iters:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, args)
-        ix = data.random_offsets("train", B * args.grad_accum * world, T, batch_gen)
-        for micro in range(args.grad_accum):
-            lo = (micro * world + rank) * B  # global batch drawn once, then split: same on 1 or N processes
-            x, y = data.batch_at("train", ix[lo:lo + B], T, args.device)
-            loss, logs = forward_backward(model, objective, x, y, args, 1.0 / args.grad_accum, ctx)
-        if world > 1:
-            all_reduce_grads(model, world)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise UserError(f"loss is {loss_value} at iteration {it}: stopped; the last good checkpoint "
-                            f"{'is kept at ' + ckpt_path if os.path.exists(ckpt_path) else 'was never written'}")
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics["train_loss_last"] = loss_value
-        if (it + 1) % args.log_interval == 0:
-            dt = (time.time() - t_log) / args.log_interval
-            t_log = time.time()
-            eta = (args.max_iters - it - 1) * (time.time() - t0) / (it + 1 - start)
-            extra = "".join(f" | {k} {v:.4f}" for k, v in logs.items())
-            log(f"iter {it + 1}/{args.max_iters} | loss {loss_value:.4f}{extra} | lr {lr_at(it, args):.2e} | "
-                f"{tokens_per_iter / dt:,.0f} tok/s | ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
-    checkpoint(args.max_iters)
+    if master:
+        warn_long_block(args, model, data.vocab_size, tokens_per_iter)
+
+    # what a stop message may promise about the checkpoint on disk (it must be true)
+    last_saved = start if saved is not None else None
+    earlier = os.path.exists(ckpt_path)  # with --overwrite: an earlier run's file until this run saves
+
+    def stopped(reason):
+        if last_saved is not None:
+            kept = f"the last good checkpoint (iteration {last_saved}) is kept at {ckpt_path}"
+        else:
+            kept = f"nothing was saved; {ckpt_path} still holds the earlier run" if earlier else "nothing was saved"
+        return UserError(f"{reason}: stopped; {kept}")
+
+    def checkpoint(it):
+        nonlocal last_saved
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), iter=it, metrics=metrics,
+                     args={k: v for k, v in vars(args).items() if k != "typed"}, objective=args.objective,
+                     rng=rng_state(batch_gen))
+        bad = first_non_finite(state, "")  # checked on every rank, so that all ranks stop together
+        if bad:
+            raise stopped(f"{bad} is not finite at iteration {it}")
+        if master:
+            save_checkpoint(ckpt_path, state)
+        last_saved = it
+
+    t0 = t_log = time.time()
+    it = it_log = start
+    try:
+        for it in range(start, args.max_iters + 1):
+            if (it % args.eval_interval == 0 or it == args.max_iters) and not (saved is not None and it == start):
+                metrics.update(evaluate(model, objective, data, args, ctx), iter=it)
+                log(f"eval {it}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "iter"))
+                checkpoint(it)
+                t_log, it_log = time.time(), it  # the progress line's speed leaves evaluation out
+            if it == args.max_iters:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(it, args)
+            ix = data.random_offsets("train", B * args.grad_accum * world, T, batch_gen)
+            for micro in range(args.grad_accum):
+                lo = (micro * world + rank) * B  # global batch drawn once, then split: same on 1 or N processes
+                x, y = data.batch_at("train", ix[lo:lo + B], T, args.device)
+                loss, logs = forward_backward(model, objective, x, y, args, 1.0 / args.grad_accum, ctx)
+            if world > 1:
+                all_reduce_grads(model, world)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise stopped(f"loss is {loss_value} at iteration {it}")
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            metrics["train_loss_last"] = loss_value
+            if (it + 1) % args.log_interval == 0 or it == start:  # the first one too: a slow run shows its ETA
+                dt = (time.time() - t_log) / (it + 1 - it_log)
+                t_log, it_log = time.time(), it + 1
+                eta = (args.max_iters - it - 1) * (time.time() - t0) / (it + 1 - start)
+                extra = "".join(f" | {k} {v:.4f}" for k, v in logs.items())
+                log(f"iter {it + 1}/{args.max_iters} | loss {loss_value:.4f}{extra} | lr {lr_at(it, args):.2e} | "
+                    f"{tokens_per_iter / dt:,.0f} tok/s | ETA {duration(eta)}")
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise stopped(f"out of memory at iteration {it} ({type(e).__name__}): lower --batch_size or "
+                      f"--block_size") from None
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e):
+            raise
+        raise stopped(f"out of memory at iteration {it}: lower --batch_size or --block_size") from None
     log(f"done in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
     if master and args.sample_tokens > 0:
         model.eval()
@@ -391,8 +395,6 @@ def train(args, objective):
         with ctx:
             out = objective["generate"](model, prompt, args, torch.Generator(args.device).manual_seed(args.seed))
         log("sample:\n" + data.tokenizer.decode(out[0].tolist()))
-    if world > 1:
-        dist.destroy_process_group()
     return metrics
 
 

@@ -1,0 +1,330 @@
+"""What train.py, sample.py and brierlm.py share, one layer below the paper files (imports: gpt.py and data.py only).
+
+  objectives by name    get_objective('mtp') imports mtp.py only when asked (no static import of a paper file);
+                        the plain next-token objective NTP lives here, every other one next to its paper
+  checkpoints           save_checkpoint: atomic, and never with a NaN or infinite number inside;
+                        load_checkpoint: torch.load(weights_only=True), so a checkpoint cannot run code;
+                        load_model: (model, objective, saved args, tokenizer) from a checkpoint
+  command line          OneLineParser: every error is one line; every int/float flag is checked against
+                        NUMBER_RULES (a new flag is covered without writing anything); args.typed = the flags
+                        the user typed; pick_device: 'auto', or a device that really exists
+  out_dir lock          OutDirLock: an OS lock (flock) on <out_dir>/.lock, released by the OS when the holder
+                        dies, so a killed run never leaves a stuck lock
+  progress              Progress: 'what: done/total | rate | ETA' on stderr for long loops
+"""
+import argparse
+import dataclasses
+import importlib
+import math
+import os
+import pickle
+import re
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from data import get_tokenizer
+from gpt import GPT, GPTConfig, UserError
+
+try:
+    import fcntl  # POSIX; on Windows there is no out_dir lock
+except ImportError:
+    fcntl = None
+
+
+# ----------------------------------------------------------------------------- objectives
+
+def ntp_loss(model, x, y, args):
+    _, loss = model(x, y)
+    return loss, {}
+
+
+def ntp_generate(model, idx, args, generator=None):
+    if getattr(args, "speculative", False):
+        raise UserError("--speculative needs a multi-token (mtp) checkpoint with extra heads")
+    return model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator=generator)
+
+
+def default_draw(model, ctx, n_tokens, generator, args):
+    """BrierLM's sampler for a model with generate(): (B, n_tokens) continuations of ctx at temperature 1."""
+    return model.generate(ctx, n_tokens, temperature=1.0, generator=generator)[:, -n_tokens:]
+
+
+NTP = dict(config=None, build=lambda gcfg, args, data: GPT(gcfg), loss=ntp_loss, generate=ntp_generate)
+OBJECTIVES = {"ntp": NTP}
+
+# objective name -> module that defines OBJECTIVES[name] (imported only when asked for)
+REGISTRY = {"ntp": "runtime", "mtp": "mtp", "autoencoder": "calm", "calm": "calm", "dispersion": "dispersion"}
+
+
+def get_objective(name):
+    if name not in REGISTRY:
+        raise UserError(f"unknown objective {name!r}: choose from {', '.join(REGISTRY)}")
+    try:
+        module = importlib.import_module(REGISTRY[name])
+    except ModuleNotFoundError:
+        raise UserError(f"objective {name!r} is not implemented yet ({REGISTRY[name]}.py is missing)") from None
+    return module.OBJECTIVES[name]
+
+
+# ----------------------------------------------------------------------------- numbers on the command line
+
+AT_LEAST_1 = ("at least 1", lambda v: v >= 1)
+# Every int or float flag of every OneLineParser must be a finite number that satisfies its rule here; a flag not
+# named here must be >= 0. So a new flag is checked the moment it is added.
+NUMBER_RULES = {
+    **dict.fromkeys(["batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
+                     "block_size", "n_layer", "n_head", "n_embd", "max_new_tokens", "top_k", "num_samples",
+                     "n_future", "chunk_size", "latent_dim", "ae_dim", "ae_iters", "noise_size",
+                     "num_target_samples", "temp_candidates"], AT_LEAST_1),
+    **dict.fromkeys(["dropout", "beta1", "beta2", "latent_dropout", "mask_prob"], ("in [0, 1)", lambda v: 0 <= v < 1)),
+    "positions": ("at least 2 (a standard error needs two)", lambda v: v >= 2),
+    "seed": ("in 0 .. 2**32 - 1", lambda v: 0 <= v < 2 ** 32),
+    "alpha": ("in (0, 2) (the energy score is strictly proper there)", lambda v: 0 < v < 2),
+}
+DEFAULT_RULE = (">= 0", lambda v: v >= 0)
+
+
+def check_number(name, value):
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UserError(f"--{name} must be a number, got {v!r}")
+        text, ok = NUMBER_RULES.get(name, DEFAULT_RULE)
+        if not math.isfinite(v) or not ok(v):
+            raise UserError(f"--{name} must be {'a finite number ' if not math.isfinite(v) else ''}{text}, got {v}")
+
+
+class Typed(argparse.Action):
+    """Store the value, and remember in args.typed that the user typed this flag (what --resume needs: a typed
+    flag counts even when it equals the default)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.typed = getattr(namespace, "typed", frozenset()) | {self.dest}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one-line UserErrors, whose int/float flags are checked (check_number), and
+    whose result carries args.typed, the flags given on the command line."""
+
+    def add_argument(self, *names, **kw):
+        if "action" not in kw and names and names[0].startswith("-"):
+            kw["action"] = Typed
+        return super().add_argument(*names, **kw)
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        ns.typed = getattr(ns, "typed", frozenset())
+        for action in self._actions:
+            value = getattr(ns, action.dest, None)
+            if action.type in (int, float) and value is not None:
+                check_number(action.dest, value)
+        return ns
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def pick_device(name):
+    """'auto' -> cuda, then mps, then cpu; any other name must be a device this machine really has."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = "built without CUDA" if torch.version.cuda is None else "sees no GPU"
+        raise UserError(f"--device {name}: this PyTorch ({torch.__version__}) {build}; use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: only cpu, cuda and mps are supported")
+    return name
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+# What torch.load may rebuild besides tensors and plain Python values: numpy arrays, which checkpoints written
+# before RNG states were stored as lists hold (numpy's random state). Nothing here can run code.
+NUMPY_GLOBALS = [getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct, np.ndarray, np.dtype,
+                 type(np.dtype(np.uint32))]
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint dict, loaded with weights_only=True: a file that needs anything else is refused unread."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        with torch.serialization.safe_globals(NUMPY_GLOBALS):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(e))
+        if found:
+            raise UserError(f"{path} was refused without being run: it needs the Python object {found.group(1)}, "
+                            f"and a checkpoint of this project holds only tensors, numbers and text") from None
+        raise UserError(f"{path} is not a readable checkpoint of this project (UnpicklingError)") from None
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint of this project ({type(e).__name__})") from None
+    missing = [k for k in ("model", "args", "objective") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing or not isinstance(ckpt["args"], dict) or not isinstance(ckpt["model"], dict):
+        raise UserError(f"{path} is not a checkpoint of this project (it lacks {', '.join(missing) or 'a valid args'})")
+    return ckpt
+
+
+def first_non_finite(tree, name="checkpoint"):
+    """The name of the first NaN or infinite float (tensor or number) inside nested dicts/lists, else None."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    elif torch.is_tensor(tree) and tree.is_floating_point():
+        return None if bool(torch.isfinite(tree).all()) else name
+    elif isinstance(tree, float):
+        return None if math.isfinite(tree) else name
+    else:
+        return None
+    for k, v in items:
+        bad = first_non_finite(v, f"{name}.{k}" if name else str(k))
+        if bad:
+            return bad
+    return None
+
+
+def save_checkpoint(path, state):
+    """Write atomically (a crash mid-write never leaves a broken file), and never a NaN or infinity."""
+    bad = first_non_finite(state, "")
+    if bad:
+        raise UserError(f"not saving {path}: {bad} is not finite")
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig)] + ["objective", "dataset", "tokenizer"]
+
+
+def model_keys(objective):
+    """Settings that shape the model (and what it was trained on): a resumed run takes them from the checkpoint."""
+    return MODEL_KEYS + ([f.name for f in dataclasses.fields(objective["config"])] if objective["config"] else [])
+
+
+def gpt_config(args, vocab_size):
+    return GPTConfig(vocab_size=vocab_size, **{f.name: getattr(args, f.name) for f in dataclasses.fields(GPTConfig)
+                                               if f.name != "vocab_size"})
+
+
+def check_saved_args(path, saved, objective):
+    """A checkpoint's args describe a model we can build: every GPT field present, of its type and in range;
+    an objective field that an older checkpoint lacks gets its default."""
+    for f in dataclasses.fields(GPTConfig):
+        if f.name == "vocab_size":
+            continue
+        if f.name not in saved:
+            raise UserError(f"{path}: its args lack {f.name!r}")
+        value, kind = saved[f.name], (int, float) if f.type is float else f.type
+        if not isinstance(value, kind) or (isinstance(value, bool) and f.type is not bool):
+            raise UserError(f"{path}: its args have {f.name}={value!r}, not a {f.type.__name__}")
+        if f.type in (int, float):
+            try:
+                check_number(f.name, value)
+            except UserError as e:
+                raise UserError(f"{path}: its args are invalid: {e}") from None
+    if not isinstance(saved.get("tokenizer"), str):
+        raise UserError(f"{path}: its args lack the tokenizer")
+    for f in dataclasses.fields(objective["config"]) if objective["config"] else []:
+        saved.setdefault(f.name, f.default)
+
+
+def load_model(ckpt_path, device="cpu"):
+    """(model in eval mode, objective, saved args, tokenizer) from a checkpoint written by train.py."""
+    ckpt = load_checkpoint(ckpt_path, map_location=device)
+    if not isinstance(ckpt["objective"], str):
+        raise UserError(f"{ckpt_path}: its objective is {ckpt['objective']!r}, not a name")
+    objective = get_objective(ckpt["objective"])
+    check_saved_args(ckpt_path, ckpt["args"], objective)
+    saved = SimpleNamespace(**ckpt["args"])
+    tokenizer = get_tokenizer(saved.tokenizer)
+    model = objective["build"](gpt_config(saved, tokenizer.vocab_size), saved, None)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError):
+        raise UserError(f"{ckpt_path}: weights do not match the model its own config describes") from None
+    return model.to(device).eval(), objective, saved, tokenizer
+
+
+# ----------------------------------------------------------------------------- one training per out_dir
+
+class OutDirLock:
+    """Hold an exclusive OS lock (fcntl.flock) on <out_dir>/.lock while a run writes there. The OS drops it when
+    the holder exits or is killed, so there is no stale lock to clean; a second run gets a one-line error."""
+
+    def __init__(self, out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path, self.fd = os.path.join(out_dir, ".lock"), None
+        if fcntl is None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip()
+            os.close(fd)
+            raise UserError(f"{out_dir} is in use by another training run{f' (pid {holder})' if holder else ''}: "
+                            f"wait for it, stop it, or choose another --out_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ----------------------------------------------------------------------------- progress lines
+
+PROGRESS_SECONDS = 5.0  # a Progress line at most this often (so short work prints nothing)
+
+
+def duration(seconds):
+    s = int(max(0, seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """progress(done) prints 'what: done/total unit | rate | ETA' to stderr, at most every PROGRESS_SECONDS."""
+
+    def __init__(self, what, total, unit):
+        self.what, self.total, self.unit = what, total, unit
+        self.t0 = self.last = time.time()
+
+    def __call__(self, done):
+        now = time.time()
+        if done <= 0 or now - self.last < PROGRESS_SECONDS:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        print(f"{self.what}: {done:,}/{self.total:,} {self.unit} | {rate:,.1f} {self.unit}/s | "
+              f"ETA {duration((self.total - done) / rate)}", file=sys.stderr, flush=True)
