@@ -286,7 +286,7 @@ def uncertainty(e):
             f"read the Brier-n above, or use more positions)")
 
 
-def main(argv=None):
+def make_parser():
     parser = OneLineParser(description="BrierLM (Brier-1..4) of any checkpoint, from samples only")
     parser.add_argument("--ckpt", default="out/ntp/ckpt.pt")
     parser.add_argument("--positions", type=int, default=None, help="val positions (default: the checkpoint's "
@@ -296,6 +296,11 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--exact", action="store_true", help="token models: also the exact Brier-1 and the "
                                                               "variance-reduced Brier-n")
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
     try:
         a = parser.parse_args(argv)  # every number checked (runtime.NUMBER_RULES): positions >= 2, seed
         device = pick_device(a.device)

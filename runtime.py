@@ -147,7 +147,7 @@ def pick_device(name):
     except (RuntimeError, ValueError):
         raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        build = "built without CUDA" if torch.version.cuda is None else "sees no GPU"
+        build = "is built without CUDA" if torch.version.cuda is None else "sees no GPU"
         raise UserError(f"--device {name}: this PyTorch ({torch.__version__}) {build}; use --device cpu or auto")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
@@ -239,7 +239,7 @@ def check_saved_args(path, saved, objective):
             raise UserError(f"{path}: its args lack {f.name!r}")
         value, kind = saved[f.name], (int, float) if f.type is float else f.type
         if not isinstance(value, kind) or (isinstance(value, bool) and f.type is not bool):
-            raise UserError(f"{path}: its args have {f.name}={value!r}, not a {f.type.__name__}")
+            raise UserError(f"{path}: its args have {f.name}={value!r}, which is not of type {f.type.__name__}")
         if f.type in (int, float):
             try:
                 check_number(f.name, value)

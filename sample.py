@@ -36,7 +36,7 @@ def round_trip(model, objective, saved, tokenizer, ids, device):
           f"{same}/{len(ids)} tokens reconstructed")
 
 
-def main(argv=None):
+def make_parser():
     parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", default="out/ntp/ckpt.pt")
     parser.add_argument("--prompt", default="\n")
@@ -49,6 +49,11 @@ def main(argv=None):
     parser.add_argument("--speculative", action="store_true", help="self-speculative decoding (mtp checkpoints)")
     parser.add_argument("--temp_sampler", choices=["batch", "exact"], default=None,
                         help="calm checkpoints: likelihood-free temperature sampler (default: the training setting)")
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
     try:
         args = parser.parse_args(argv)  # every number checked (runtime.NUMBER_RULES): top_k >= 1, finite T >= 0
         device = pick_device(args.device)

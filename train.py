@@ -341,7 +341,7 @@ def fit(args, objective, world, rank, ckpt_path):
                      rng=rng_state(batch_gen))
         bad = first_non_finite(state, "")  # checked on every rank, so that all ranks stop together
         if bad:
-            raise stopped(f"{bad} is not finite at iteration {it}")
+            raise stopped(f"training diverged: {bad} is not finite at iteration {it}")
         if master:
             save_checkpoint(ckpt_path, state)
         last_saved = it
