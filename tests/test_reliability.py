@@ -175,6 +175,21 @@ def test_divergence_just_before_an_eval_never_overwrites_the_good_checkpoint(goo
     assert on_disk["iter"] == kept_iteration(err) and runtime.first_non_finite(on_disk) is None
 
 
+def test_running_out_of_memory_is_one_line_naming_the_kept_checkpoint(good, monkeypatch, capsys):
+    good_dir, before = good
+    calls, real = [], train.forward_backward
+
+    def oom_on_the_second_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*a, **k)
+    monkeypatch.setattr(train, "forward_backward", oom_on_the_second_step)
+    err = one_line_error(capsys, run, good_dir, "--resume", "--max_iters", "6", "--eval_interval", "6")
+    assert "out of memory at iteration 3" in err and kept_iteration(err) == 2
+    assert (good_dir / "ckpt.pt").read_bytes() == before
+
+
 def test_save_checkpoint_refuses_nan_weights_and_metrics(tmp_path):
     for state in ({"model": {"w": torch.tensor([1.0, float("nan")])}}, {"metrics": {"val_loss": float("inf")}}):
         with pytest.raises(runtime.UserError, match="not finite"):

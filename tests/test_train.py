@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import runtime
 import sample
 import train
 from util import one_line_error
@@ -26,7 +27,7 @@ def test_train_end_to_end_then_sample(tmp_path, capsys):
     run(tmp_path, "--max_iters", "6", "--eval_interval", "3")
     out = capsys.readouterr().out
     assert "iter 6/6 | loss" in out and "tok/s" in out and "ETA" in out and "val_loss" in out and "sample:" in out
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = runtime.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["iter"] == 6 and ckpt["objective"] == "ntp"
     assert ckpt["args"]["dataset"] == "shakespeare" and ckpt["args"]["tokenizer"] == "bytes"
     assert {"train_loss", "val_loss", "train_loss_last"} <= set(ckpt["metrics"])
@@ -54,7 +55,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 process(es)" in proc.stdout
-    two = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["metrics"]
+    two = runtime.load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))["metrics"]
     # same global batch of 4 (2 per process vs 2 micro-batches of 2): equal up to float summation order
     assert abs(two["val_loss"] - single["val_loss"]) < 1e-4
 
@@ -78,7 +79,7 @@ def test_bad_inputs_are_one_line_errors_and_keep_good_checkpoints(tmp_path, caps
     assert "at iteration" in err and "kept" in err
     assert (good / "ckpt.pt").read_bytes() == before  # NaN never overwrote the good checkpoint
 
-    ckpt = torch.load(good / "ckpt.pt", weights_only=False)
+    ckpt = runtime.load_checkpoint(str(good / "ckpt.pt"))
     ckpt["objective"] = "mtp"
     torch.save(ckpt, tmp_path / "other.pt")
     (tmp_path / "other").mkdir()
