@@ -1,34 +1,48 @@
 """The shared GPT core's training speed: RoPE against learned positions, side by side in one process.
 
-    python -m bench core [--shapes small,medium] [--rounds 9] [--steps 4] [--threads 2] [--device cpu]
-                         [--bf16] [--compile]
+    python -m bench core [--shapes small,medium] [--rounds 9] [--steps 4] [--threads 2] [--device cpu|cuda]
+                         [--bf16] [--compile] [--out results/core.json]
 
-Method. One model per position scheme (same shape, bytes vocabulary, fp32 unless --bf16 autocast), each with its
-own AdamW; a training step is forward, backward, gradient clipping and the optimizer step on random tokens. After
-2 warm-up steps per model, every round times `steps` steps of each model in turn (the order rotates from round to
-round), so a slow spell of a shared CPU hits both columns alike. Reported: the median over rounds of each model's
-tokens/s and of the per-round ratio RoPE / learned (with its smallest and largest round).
+Method. One model per position scheme (same shape, bytes vocabulary), each with its own AdamW as train.py builds
+it; a training step is forward, backward, gradient clipping and the optimizer step on fixed random tokens, in fp32
+(--bf16: under bf16 autocast, as train.py trains on CUDA). After 2 warm-up steps per model, every round times
+`steps` steps of each model in turn, the order rotating from round to round, so a slow spell of a shared CPU hits
+both columns alike. Reported: the median over rounds of each model's tokens/s, the median of the per-round ratio
+RoPE / learned with its smallest and largest round, and on CUDA the MFU (FLOPs per token of bench/flops.py x tokens/s
+/ the GPU's dense bf16 peak).
 """
 import contextlib
+import json
+import os
 import statistics
+import sys
 import time
 from types import SimpleNamespace
 
 import torch
 
 import train
+from bench.flops import train_flops_per_token
 from gpt import GPT, GPTConfig, UserError
 
-# the two shapes of issue 16: (model, batch size); 'small' is also the `cpu` preset of `python -m bench table`
+# (model, batch size): the two shapes of issue 16 ('small' is also the cpu preset of python -m bench table), the
+# gpu preset's, and a toy one for the tests
 SHAPES = {"small": (dict(n_layer=4, n_head=4, n_embd=128, block_size=128), 16),
           "medium": (dict(n_layer=6, n_head=6, n_embd=384, block_size=256), 8),
-          "gpu": (dict(n_layer=8, n_head=8, n_embd=512, block_size=256), 64)}
+          "gpu": (dict(n_layer=8, n_head=8, n_embd=512, block_size=256), 64),
+          "toy": (dict(n_layer=1, n_head=2, n_embd=32, block_size=16), 2)}
 ADAMW = SimpleNamespace(learning_rate=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95)  # train.py's defaults
+BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 peaks (SXM), for MFU
 
 
-def build(shape, pos, vocab_size=256, device="cpu", compile_blocks=False):
+def gpu_peak_flops(device):
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK_FLOPS.items() if k in name), None)
+
+
+def build(shape, pos, device="cpu", compile_blocks=False):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab_size, pos=pos, **shape)).to(device).train()
+    model = GPT(GPTConfig(vocab_size=256, pos=pos, **shape)).to(device).train()
     if compile_blocks:
         for block in model.blocks:  # what train.py --compile does
             block.compile()
@@ -41,7 +55,7 @@ def sync(device):
 
 
 def make_step(model, batch_size, device, autocast_dtype=None):
-    """A function running one training step (AdamW as train.py sets it up) on fixed random tokens."""
+    """A function running one training step of model on fixed random tokens."""
     opt = train.make_optimizer(model, ADAMW, str(device))
     T, V = model.config.block_size, model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
@@ -77,17 +91,30 @@ def interleaved(steps_by_name, tokens_per_step, rounds, steps, device, warmup=2)
     return speeds
 
 
-def compare(shape, batch_size, rounds=9, steps=4, device="cpu", autocast_dtype=None, compile_blocks=False,
-            models=None):
-    """Median tokens/s of RoPE and learned positions (and of any extra {name: model}) and the median per-round
-    ratio rope / learned with its range."""
-    models = dict(rope=build(shape, "rope", device=device, compile_blocks=compile_blocks),
-                  learned=build(shape, "learned", device=device, compile_blocks=compile_blocks), **(models or {}))
-    steps_by_name = {name: make_step(m, batch_size, device, autocast_dtype) for name, m in models.items()}
+def compare(shape, batch_size, rounds=9, steps=4, device="cpu", autocast_dtype=None, compile_blocks=False):
+    """RoPE against learned positions at one shape: tokens/s of each (median over rounds), the median per-round
+    ratio rope / learned with its range, and MFU on CUDA."""
+    models = {pos: build(shape, pos, device, compile_blocks) for pos in ("rope", "learned")}
+    steps_by_name = {pos: make_step(m, batch_size, device, autocast_dtype) for pos, m in models.items()}
     speeds = interleaved(steps_by_name, batch_size * shape["block_size"], rounds, steps, device)
     ratios = sorted(r / l for r, l in zip(speeds["rope"], speeds["learned"]))
-    return dict(tok_s={name: statistics.median(s) for name, s in speeds.items()}, rounds=speeds,
+    tok_s = {pos: statistics.median(s) for pos, s in speeds.items()}
+    mfu = {pos: "n/a on CPU" for pos in models}
+    if str(device).startswith("cuda"):
+        peak = gpu_peak_flops(device)
+        mfu = {pos: train_flops_per_token(m, shape["block_size"]) * tok_s[pos] / peak if peak else "unknown GPU peak"
+               for pos, m in models.items()}
+    return dict(shape=shape, batch_size=batch_size, device=str(device), compile=compile_blocks,
+                precision="bf16 autocast" if autocast_dtype else "fp32", tok_s=tok_s, mfu=mfu, rounds=speeds,
                 ratio=statistics.median(ratios), ratio_min=ratios[0], ratio_max=ratios[-1])
+
+
+def describe(r):
+    s = r["shape"]
+    mfu = "" if isinstance(r["mfu"]["rope"], str) else f" | MFU {r['mfu']['rope']:.1%} / {r['mfu']['learned']:.1%}"
+    return (f"{s['n_layer']} x {s['n_embd']}, batch {r['batch_size']} x {s['block_size']}, {r['precision']}, "
+            f"compile={r['compile']}: RoPE {r['tok_s']['rope']:,.0f} tok/s | learned {r['tok_s']['learned']:,.0f} "
+            f"tok/s | RoPE / learned {r['ratio']:.3f} (rounds {r['ratio_min']:.3f}-{r['ratio_max']:.3f}){mfu}")
 
 
 def main(argv=None):
@@ -99,21 +126,31 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (train.py does it on CUDA)")
     parser.add_argument("--compile", action="store_true", help="compile every block, as train.py --compile")
+    parser.add_argument("--out", default=None, help="also write the results to this JSON file")
     a = parser.parse_args(argv)
     bad = [s for s in a.shapes.split(",") if s not in SHAPES]
-    if bad or a.rounds < 1 or a.steps < 1:
-        raise UserError(f"unknown shape {bad[0]!r}: choose from {', '.join(SHAPES)}" if bad else
-                        "--rounds and --steps must be at least 1")
+    if bad:
+        raise UserError(f"unknown shape {bad[0]!r}: choose from {', '.join(SHAPES)}")
+    if a.rounds < 1 or a.steps < 1:
+        raise UserError("--rounds and --steps must be at least 1")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda needs a CUDA GPU and none was found")
     torch.set_num_threads(a.threads)
-    dtype = "bf16 autocast" if a.bf16 else "fp32"
-    print(f"{a.device}, {torch.get_num_threads()} threads, {dtype}, compile={a.compile}, torch {torch.__version__}; "
-          f"median of {a.rounds} interleaved rounds of {a.steps} steps")
+    hardware = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else \
+        f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} threads"
+    print(f"{hardware}, torch {torch.__version__}; median of {a.rounds} interleaved rounds of {a.steps} steps")
+    results = []
     for name in a.shapes.split(","):
         shape, B = SHAPES[name]
-        r = compare(shape, B, a.rounds, a.steps, a.device, torch.bfloat16 if a.bf16 else None, a.compile)
-        print(f"{name:6s} {shape['n_layer']} x {shape['n_embd']}, batch {B} x {shape['block_size']}: "
-              f"RoPE {r['tok_s']['rope']:,.0f} tok/s | learned {r['tok_s']['learned']:,.0f} tok/s | "
-              f"RoPE / learned {r['ratio']:.3f} (rounds {r['ratio_min']:.3f}-{r['ratio_max']:.3f})")
+        results.append(compare(shape, B, a.rounds, a.steps, a.device, torch.bfloat16 if a.bf16 else None, a.compile))
+        print(f"{name:6s} {describe(results[-1])}", flush=True)
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        command = "python -m bench core " + " ".join(sys.argv[1:] if argv is None else argv)
+        with open(a.out, "w") as f:
+            json.dump(dict(hardware=hardware, torch=torch.__version__, command=command, results=results), f, indent=1)
+        print(f"wrote {a.out}")
+    return results
 
 
 if __name__ == "__main__":
