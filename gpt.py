@@ -47,8 +47,7 @@ def rope_tables(head_dim, max_len, base=10000.0):
 def apply_rope(x, cos, sin):
     """RoPE, the definition: rotate each pair (x1_i, x2_i) = (x_i, x_{i+hs/2}) by the angle t * theta_i of its
     position t and frequency i. x (B, nh, T, hs), cos/sin (T, hs/2). The model computes it with RotatePairs."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    (x1, x2), cos, sin = x.chunk(2, dim=-1), cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -64,6 +63,7 @@ class RotatePairs(torch.autograd.Function):
         return RotatePairs.turn_(qkv, rot, 1)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # in place: no second derivative through it
     def backward(ctx, grad):
         return RotatePairs.turn_(grad, ctx.saved_tensors[0], -1), None
 

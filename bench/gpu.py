@@ -14,10 +14,9 @@ fails is reported at the end and the others still run):
   notebooks  python tutorials/run.py --scale gpu: every tutorial (or --notebooks) written back with its outputs
 Everything lands in the repository (results/, tutorials/), ready to commit. Expect a few hours on one H100: the
 table is sized for ~30 min, each notebook's gpu scale for at most ~30 min; --only and --notebooks split the run.
---toy runs the same commands at toy size on the CPU, less the compiled core run (tests/test_gpu_paths.py runs it,
-and checks --compile through train.py); --dry_run prints the commands.
+--toy runs the same commands at toy size on the CPU (tests/test_gpu_paths.py), less the compiled core run and the
+MTP memory one, which only add --compile and --device; --dry_run prints the commands.
 """
-import json
 import os
 import subprocess
 import sys
@@ -38,15 +37,13 @@ def plan(out, toy=False, notebooks=()):
     dev = "cpu" if toy else "cuda"
     core = ["--shapes", "toy", "--rounds", "1", "--steps", "1"] if toy else ["--shapes", "small,medium,gpu"]
     widths = [("1", "2", "32")] if toy else [("4", "4", "128"), ("8", "8", "512"), ("12", "12", "768")]
-    tiny = dict(n_layer=2, n_embd=32, block_size=16, vocab_size=256)
-    tiny_mtp = ["--n", "2", "--model", json.dumps(tiny)] if toy else []
     runs = [("core", [])] + ([] if toy else [("core_compile", ["--compile"])])
     return {
         "core": [["-m", "bench", "core", "--device", dev, "--bf16", *core, *flag,
                   "--out", os.path.join(out, "gpu", f"{name}.json")] for name, flag in runs],
         "table": [["-m", "bench", "table", "--preset", "tiny" if toy else "gpu", "--device", dev, "--out", out]],
-        "mtp": [["-m", "bench", "mtp", "memory", "--device", dev, *tiny_mtp],
-                ["-m", "bench", "mtp", "costs", "--device", dev, "--n", "2", "4",
+        "mtp": ([] if toy else [["-m", "bench", "mtp", "memory", "--device", dev]]) +
+               [["-m", "bench", "mtp", "costs", "--device", dev, "--n", "2", "4",
                  "--widths", *(["32"] if toy else ["256", "512", "1024"])]],
         "calm": [["-m", "bench", "calm", "--device", dev, "--K", "4", "--tokens", "16" if toy else "256",
                   "--n_layer", L, "--n_head", H, "--n_embd", D] for L, H, D in widths],
