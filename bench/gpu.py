@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from data import load_data
 from gpt import UserError
 from train import OneLineParser
 
@@ -97,6 +98,9 @@ def main(argv=None):
         return commands
     if not a.toy and not torch.cuda.is_available():
         raise UserError("python -m bench gpu needs a CUDA GPU and none was found (--dry_run prints the commands)")
+    if not a.toy:  # the data every step reads (an offline machine needs the cache): fail now, not in hour two
+        for tokenizer in ("bytes", "gpt2"):
+            load_data("shakespeare", tokenizer)
     results = {}
     for step in steps:
         t = time.time()

@@ -3,6 +3,7 @@ through every objective, the gpu presets' flags, --compile, python -m bench gpu'
 (tutorials/run.py) without Jupyter."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -149,13 +150,16 @@ def test_runner_writes_outputs_and_stops_at_an_error(executor, tmp_path):
     write_notebook(bad, [code("x = 1\nprint('ran')"), code("raise ValueError('boom\\nsecond line')"),
                          code("print('never runs')")])
     before = bad.read_text()
-    r = run_notebooks("--scale", "smoke", "--executor", executor, "--failed_dir", str(tmp_path / "failed"), str(good),
-                      str(bad))
+    # nbclient: written in place; built-in: into --out, given relative to the working directory (the repository)
+    out = [] if executor == "nbclient" else ["--out", os.path.relpath(tmp_path / "written", ROOT)]
+    r = run_notebooks("--scale", "smoke", "--executor", executor, "--failed_dir", str(tmp_path / "failed"), *out,
+                      str(good), str(bad))
     assert r.returncode == 1
     assert [line for line in r.stderr.splitlines() if line.startswith("error: ")] == \
         [f"error: bad.ipynb cell 2: ValueError: boom (partial notebook: {tmp_path / 'failed' / 'bad.failed.ipynb'})"]
     assert bad.read_text() == before  # a failing notebook is not written over
-    cells = [c for c in json.loads(good.read_text())["cells"] if c["cell_type"] == "code"]
+    written = good if executor == "nbclient" else tmp_path / "written" / "good.ipynb"
+    cells = [c for c in json.loads(written.read_text())["cells"] if c["cell_type"] == "code"]
     outs = [[(o["output_type"], o.get("name")) for o in c["outputs"]] for c in cells]
     assert outs[0] == [("stream", "stdout"), ("stream", "stderr")]
     assert "".join(cells[0]["outputs"][0]["text"]) == "scale smoke\n"

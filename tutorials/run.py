@@ -256,8 +256,8 @@ def main(argv=None):
     failures = []
     print(f"{len(a.notebooks)} notebook(s) at scale {a.scale}, executor {a.executor}", flush=True)
     for path in a.notebooks:
-        dest = Path(a.out) / path.name if a.out else path
-        failed = Path(a.failed_dir) / (path.stem + ".failed.ipynb")
+        dest = Path(a.out).resolve() / path.name if a.out else path
+        failed = Path(a.failed_dir).resolve() / (path.stem + ".failed.ipynb")
         t = time.time()
         if a.executor == "nbclient":
             failure = execute_nbclient(path, dest, failed, a.timeout)
