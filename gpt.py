@@ -70,10 +70,10 @@ class RotatePairs(torch.autograd.Function):
     @staticmethod
     def turn_(qkv, rot, sign):  # rotate by sign * angle
         qk = qkv[:, :, :2 * rot.size(1)].unflatten(-1, (-1, 2))  # q and k as pairs (B, T, C, 2)
-        if qk.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
+        if qk.element_size() >= 4 and qk.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
             turn = torch.view_as_complex(rot)
             torch.view_as_complex(qk).mul_(turn if sign > 0 else turn.conj())
-        else:  # bf16 / fp16 have no complex type and inductor compiles none: the same in real arithmetic
+        else:  # bf16 / fp16 have no complex type, inductor compiles none, MPS lacks some: the same in real arithmetic
             x1, x2, cos, sin = qk[..., 0].float(), qk[..., 1].float(), rot[..., 0], sign * rot[..., 1]
             qk.copy_(torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1))
         return qkv

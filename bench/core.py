@@ -1,7 +1,7 @@
 """The shared GPT core's training speed: RoPE against learned positions, side by side in one process.
 
     python -m bench core [--shapes small,medium] [--rounds 9] [--steps 4] [--threads 2] [--device cpu|cuda]
-                         [--bf16] [--compile] [--out results/core.json]
+                         [--bf16] [--compile] [--clock wall|cpu] [--out results/core.json]
 
 Method. One model per position scheme (same shape, bytes vocabulary), each with its own AdamW as train.py builds
 it; a training step is forward, backward, gradient clipping and the optimizer step on fixed random tokens, in fp32
@@ -9,7 +9,8 @@ it; a training step is forward, backward, gradient clipping and the optimizer st
 `steps` steps of each model in turn, the order rotating from round to round, so a slow spell of a shared CPU hits
 both columns alike. Reported: the median over rounds of each model's tokens/s, the median of the per-round ratio
 RoPE / learned with its smallest and largest round, and on CUDA the MFU (FLOPs per token of bench/flops.py x tokens/s
-/ the GPU's dense bf16 peak).
+/ the GPU's dense bf16 peak). --clock cpu times this process's CPU time instead of the wall clock: on a CPU shared with
+other jobs, with --threads 1, it counts the step's own work and not the time other jobs held the cores.
 """
 import contextlib
 import json
@@ -74,7 +75,7 @@ def make_step(model, batch_size, device, autocast_dtype=None):
     return step
 
 
-def interleaved(steps_by_name, tokens_per_step, rounds, steps, device, warmup=2):
+def interleaved(steps_by_name, tokens_per_step, rounds, steps, device, warmup=2, clock=time.perf_counter):
     """{name: [tokens/s of each round]}: every round times `steps` steps of every model, in rotating order."""
     for step in steps_by_name.values():
         for _ in range(warmup):
@@ -83,20 +84,22 @@ def interleaved(steps_by_name, tokens_per_step, rounds, steps, device, warmup=2)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             sync(device)
-            t = time.perf_counter()
+            t = clock()
             for _ in range(steps):
                 steps_by_name[name]()
             sync(device)
-            speeds[name].append(tokens_per_step * steps / (time.perf_counter() - t))
+            speeds[name].append(tokens_per_step * steps / (clock() - t))
     return speeds
 
 
-def compare(shape, batch_size, rounds=9, steps=4, device="cpu", autocast_dtype=None, compile_blocks=False):
+def compare(shape, batch_size, rounds=9, steps=4, device="cpu", autocast_dtype=None, compile_blocks=False,
+            clock="wall"):
     """RoPE against learned positions at one shape: tokens/s of each (median over rounds), the median per-round
     ratio rope / learned with its range, and MFU on CUDA."""
     models = {pos: build(shape, pos, device, compile_blocks) for pos in ("rope", "learned")}
     steps_by_name = {pos: make_step(m, batch_size, device, autocast_dtype) for pos, m in models.items()}
-    speeds = interleaved(steps_by_name, batch_size * shape["block_size"], rounds, steps, device)
+    speeds = interleaved(steps_by_name, batch_size * shape["block_size"], rounds, steps, device,
+                         clock=time.process_time if clock == "cpu" else time.perf_counter)
     ratios = sorted(r / l for r, l in zip(speeds["rope"], speeds["learned"]))
     tok_s = {pos: statistics.median(s) for pos, s in speeds.items()}
     mfu = {pos: "n/a on CPU" for pos in models}
@@ -104,7 +107,7 @@ def compare(shape, batch_size, rounds=9, steps=4, device="cpu", autocast_dtype=N
         peak = gpu_peak_flops(device)
         mfu = {pos: train_flops_per_token(m, shape["block_size"]) * tok_s[pos] / peak if peak else "unknown GPU peak"
                for pos, m in models.items()}
-    return dict(shape=shape, batch_size=batch_size, device=str(device), compile=compile_blocks,
+    return dict(shape=shape, batch_size=batch_size, device=str(device), compile=compile_blocks, clock=clock,
                 precision="bf16 autocast" if autocast_dtype else "fp32", tok_s=tok_s, mfu=mfu, rounds=speeds,
                 ratio=statistics.median(ratios), ratio_min=ratios[0], ratio_max=ratios[-1])
 
@@ -113,8 +116,9 @@ def describe(r):
     s = r["shape"]
     mfu = "" if isinstance(r["mfu"]["rope"], str) else f" | MFU {r['mfu']['rope']:.1%} / {r['mfu']['learned']:.1%}"
     return (f"{s['n_layer']} x {s['n_embd']}, batch {r['batch_size']} x {s['block_size']}, {r['precision']}, "
-            f"compile={r['compile']}: RoPE {r['tok_s']['rope']:,.0f} tok/s | learned {r['tok_s']['learned']:,.0f} "
-            f"tok/s | RoPE / learned {r['ratio']:.3f} (rounds {r['ratio_min']:.3f}-{r['ratio_max']:.3f}){mfu}")
+            f"compile={r['compile']}, {r['clock']} clock: RoPE {r['tok_s']['rope']:,.0f} tok/s | learned "
+            f"{r['tok_s']['learned']:,.0f} tok/s | RoPE / learned {r['ratio']:.3f} (rounds {r['ratio_min']:.3f}-"
+            f"{r['ratio_max']:.3f}){mfu}")
 
 
 def main(argv=None):
@@ -126,6 +130,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (train.py does it on CUDA)")
     parser.add_argument("--compile", action="store_true", help="compile every block, as train.py --compile")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: this process's CPU time")
     parser.add_argument("--out", default=None, help="also write the results to this JSON file")
     a = parser.parse_args(argv)
     bad = [s for s in a.shapes.split(",") if s not in SHAPES]
@@ -135,6 +140,8 @@ def main(argv=None):
         raise UserError("--rounds and --steps must be at least 1")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda needs a CUDA GPU and none was found")
+    if a.device.startswith("cuda") and a.clock == "cpu":
+        raise UserError("--clock cpu times the CPU's work: use the wall clock on a GPU")
     torch.set_num_threads(a.threads)
     hardware = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else \
         f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} threads"
@@ -142,7 +149,8 @@ def main(argv=None):
     results = []
     for name in a.shapes.split(","):
         shape, B = SHAPES[name]
-        results.append(compare(shape, B, a.rounds, a.steps, a.device, torch.bfloat16 if a.bf16 else None, a.compile))
+        results.append(compare(shape, B, a.rounds, a.steps, a.device, torch.bfloat16 if a.bf16 else None, a.compile,
+                               a.clock))
         print(f"{name:6s} {describe(results[-1])}", flush=True)
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)

@@ -84,11 +84,12 @@ def test_table_gpu_preset_has_every_key_and_its_core_throughput_runs():
 
 
 def test_core_benchmark_under_bf16_autocast_and_its_bad_input(capsys):
-    r = core.compare(*core.SHAPES["toy"], rounds=2, steps=1, autocast_dtype=torch.bfloat16)
-    assert set(r["tok_s"]) == {"rope", "learned"} and r["precision"] == "bf16 autocast"
+    r = core.compare(*core.SHAPES["toy"], rounds=2, steps=1, autocast_dtype=torch.bfloat16, clock="cpu")
+    assert set(r["tok_s"]) == {"rope", "learned"} and r["precision"] == "bf16 autocast" and r["clock"] == "cpu"
     assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"] and len(r["rounds"]["rope"]) == 2
     from bench.__main__ import main
     assert "unknown shape 'huge'" in one_line_error(capsys, main, ["core", "--shapes", "huge"])
+    assert "invalid choice: 'sundial'" in one_line_error(capsys, main, ["core", "--clock", "sundial"])
     if not torch.cuda.is_available():
         assert "needs a CUDA GPU" in one_line_error(capsys, main, ["core", "--device", "cuda"])
 
