@@ -39,16 +39,44 @@ class GPTConfig:
 
 
 def rope_tables(head_dim, max_len, base=10000.0):
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)  # (hs/2,)
-    angles = torch.outer(torch.arange(max_len).float(), inv_freq)               # (T, hs/2)
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)  # theta_i = base^(-2i/hs), (hs/2,)
+    angles = torch.outer(torch.arange(max_len).float(), inv_freq)               # t * theta_i, (T, hs/2)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    # rotate each pair (x1_i, x2_i) by the angle of its position and frequency; x (B, nh, T, hs), cos/sin (T, hs/2)
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    """RoPE, the definition: rotate each pair (x1_i, x2_i) = (x_i, x_{i+hs/2}) by the angle t * theta_i of its
+    position t and frequency i. x (B, nh, T, hs), cos/sin (T, hs/2). The model computes it with RotatePairs."""
+    (x1, x2), cos, sin = x.chunk(2, dim=-1), cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class RotatePairs(torch.autograd.Function):
+    """apply_rope on q and k in one in-place pass. qkv (B, T, 3C) holds each pair side by side (x1_0, x2_0, x1_1, ..:
+    c_attn's rows are read in that order; q.k is the same sum in any order), so a pair is a complex number x1 + i x2,
+    turned by e^(i t theta_i) = cos + i sin, rot (T, C, 2); the gradient turns back, in place on split's fresh one."""
+
+    @staticmethod
+    def forward(ctx, qkv, rot):
+        ctx.mark_dirty(qkv)
+        ctx.save_for_backward(rot)
+        return RotatePairs.turn_(qkv, rot, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # in place: no second derivative through it
+    def backward(ctx, grad):
+        return RotatePairs.turn_(grad, ctx.saved_tensors[0], -1), None
+
+    @staticmethod
+    def turn_(qkv, rot, sign):  # rotate by sign * angle
+        qk = qkv[:, :, :2 * rot.size(1)].unflatten(-1, (-1, 2))  # q and k as pairs (B, T, C, 2)
+        if qk.element_size() >= 4 and qk.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
+            turn = torch.view_as_complex(rot)
+            torch.view_as_complex(qk).mul_(turn if sign > 0 else turn.conj())
+        else:  # bf16 / fp16 have no complex type, inductor compiles none, MPS lacks some: the same in real arithmetic
+            x1, x2, cos, sin = qk[..., 0].float(), qk[..., 1].float(), rot[..., 0], sign * rot[..., 1]
+            qk.copy_(torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1))
+        return qkv
 
 
 class KVCache:
@@ -58,50 +86,48 @@ class KVCache:
         self.layers = [[None, None] for _ in range(n_layer)]
 
     def __len__(self):
-        k = self.layers[0][0]
-        return 0 if k is None else k.size(2)
+        return 0 if self.layers[0][0] is None else self.layers[0][0].size(2)
 
     def crop(self, n):
         """Forget every position >= n (roll back rejected speculative tokens)."""
         for kv in self.layers:
-            if kv[0] is not None:
-                kv[0], kv[1] = kv[0][:, :, :n], kv[1][:, :, :n]
+            kv[:] = [t if t is None else t[:, :, :n] for t in kv]
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        assert cfg.n_embd % cfg.n_head == 0
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         hs = cfg.n_embd // cfg.n_head
-        self.q_norm = nn.RMSNorm(hs) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(hs) if cfg.qk_norm else None
+        self.q_norm, self.k_norm = (nn.RMSNorm(hs), nn.RMSNorm(hs)) if cfg.qk_norm else (None, None)
+        # the rows RotatePairs needs: every query and key head in the order 0, hs/2, 1, hs/2 + 1, ...; v as it is
+        rows = torch.arange(3 * cfg.n_embd).view(3, cfg.n_head, 2, hs // 2)
+        self.register_buffer("rows", torch.cat([rows[:2].transpose(2, 3).flatten(), rows[2].flatten()]), False)
 
     def forward(self, x, rope=None, kv=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        nh, hs = self.n_head, C // self.n_head
+        rows, dims = (self.rows, self.rows[:hs]) if rope is not None else (slice(None), slice(None))
+        qkv = F.linear(x, self.c_attn.weight[rows], None if self.c_attn.bias is None else self.c_attn.bias[rows])
+        if self.q_norm is not None:  # RMS-normalise each query and key head (weights in the same order as q, k)
+            q, k, v = (t.unflatten(2, (nh, hs)) for t in qkv.split(C, dim=2))
+            q, k = (F.rms_norm(t, (hs,), n.weight[dims], n.eps) for t, n in ((q, self.q_norm), (k, self.k_norm)))
+            qkv = torch.cat([q, k, v], dim=2).flatten(2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qkv = RotatePairs.apply(qkv, rope)
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in qkv.split(C, dim=2))  # (B, nh, T, hs)
         if kv is not None:  # append to the cache; attend over everything seen so far
             if kv[0] is not None:
                 k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
             kv[0], kv[1] = k, v
         Tk, p = k.size(2), self.dropout if self.training else 0.0
-        if Tk == T:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        elif T == 1:  # one new query may see the whole cache
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        else:  # T new queries after Tk - T cached ones: query i sees keys 0 .. Tk - T + i
-            mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        # T new queries after Tk - T cached keys: query i sees keys 0 .. Tk - T + i (causal if T = Tk, all if T = 1)
+        mask = None if T in (1, Tk) else torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=T == Tk)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
 class MLP(nn.Module):
@@ -129,9 +155,8 @@ class Block(nn.Module):
         m = self.mlp(self.ln_2(x))
         x = x + m
         if collect is not None:  # sub-layer outputs and the residual stream, for representation analysis
-            collect["attn"].append(a)
-            collect["mlp"].append(m)
-            collect["layers"].append(x)
+            for key, value in (("attn", a), ("mlp", m), ("layers", x)):
+                collect[key].append(value)
         return x
 
 
@@ -150,23 +175,17 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input/output embeddings
-        cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope", torch.stack(rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size), -1), False)
         self.apply(init_gpt2_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
-    def num_params(self, non_embedding=True):
-        n = sum(p.numel() for p in self.parameters())
-        return n - (self.wpe.weight.numel() if non_embedding and self.wpe is not None else 0)
-
     def rope_at(self, start, T):
-        """cos/sin rows for absolute positions start .. start+T-1 (None with learned positions)."""
+        """RotatePairs' rot at positions start.. (once per forward): (cos, sin) for every q/k pair, (T, C, 2)."""
         if start + T > self.config.block_size:
             raise UserError(f"sequence of {start + T} positions exceeds block_size={self.config.block_size}")
-        return None if self.wpe is not None else (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        return None if self.wpe is not None else self.rope[start:start + T].repeat(1, 2 * self.config.n_head, 1)
 
     def embed(self, idx, start=0):
         x = self.wte(idx)  # (B, T, d)
@@ -184,10 +203,9 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache=None):
         start = len(cache) if cache is not None else 0
         logits = self.lm_head(self.body(self.embed(idx, start), start, cache))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
     def hidden_states(self, idx):
         """One forward pass, returning {'layers': [embedding, block 1 .. block L outputs] (L+1 tensors),
@@ -208,8 +226,7 @@ class GPT(nn.Module):
             else:  # first step, or the window is full: encode the last block_size tokens afresh
                 cache = KVCache(len(self.blocks)) if use_cache else None
                 new, start = idx[:, -self.config.block_size:], 0
-            h = self.body(self.embed(new, start), start, cache)
-            logits = self.lm_head(h[:, -1])  # (B, V): only the last position is sampled from
+            logits = self.lm_head(self.body(self.embed(new, start), start, cache)[:, -1])  # (B, V): the last position
             idx = torch.cat([idx, sample_logits(logits, temperature, top_k, generator)], dim=1)
         return idx
 

@@ -4,7 +4,8 @@ import sys
 
 from gpt import UserError
 
-COMMANDS = {"table": "bench.table", "mtp": "bench.mtp_bench", "calm": "bench.calm_bench"}
+COMMANDS = {"table": "bench.table", "core": "bench.core", "mtp": "bench.mtp_bench", "calm": "bench.calm_bench",
+            "gpu": "bench.gpu"}
 
 
 def main(argv=None):

@@ -27,7 +27,8 @@ Columns
   gen_tok_s       batch-1 generation from a 16-token val prompt up to the window, KV cache: ntp/dispersion greedy,
                   mtp self-speculative greedy (same tokens as greedy), calm sampling at T=1 (one head sample)
   fwd_per_tok     backbone forward passes per generated token (counted by a hook on the first block)
-The core GPT's training throughput with --compile off and on (and MFU on CUDA) is printed below the table.
+The core GPT's training throughput, RoPE and learned positions side by side (bench/core.py), with --compile off and
+on (and MFU on CUDA), is printed below the table.
 
 Training FLOPs per token: bench/flops.py.
 """
@@ -52,6 +53,7 @@ from gpt import UserError
 from mtp import MTP, speculative_generate
 from sample import load_model
 
+from bench import core
 from bench.flops import ae_flops_per_token, train_flops_per_token
 from bench.mtp_bench import rss_kib
 
@@ -69,7 +71,6 @@ ROWS = [("ntp", "ntp", {}), ("mtp n=2", "mtp", {"n_future": 2}), ("mtp n=4", "mt
 COLUMNS = ["objective", "status", "params", "train_iters", "train_flops", "ae_flops", "train_tok_s", "peak_mem_mib",
            "val_ce", "brier1", "brierlm", "brierlm_se", "disp_last", "gen_tok_s", "fwd_per_tok"]
 NOT_MEASURED = "not measured (no GPU in this run)"
-BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 peaks (SXM), for MFU
 
 
 # ----------------------------------------------------------------------------- the protocol
@@ -287,27 +288,15 @@ def memory_child(spec):
 
 # ----------------------------------------------------------------------------- throughput of the shared core
 
-def gpu_peak_flops(device):
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in BF16_PEAK_FLOPS.items() if k in name), None)
-
-
-def core_throughput(p, device, compile_blocks, steps=None):
-    """Training tokens/s of the preset's plain GPT (bytes vocabulary, AdamW step included; bf16 autocast on CUDA
-    as train.py uses); on CUDA also MFU = FLOPs per token (the ntp formula) x tokens/s / the GPU's bf16 peak."""
-    torch.manual_seed(0)
-    model, args, objective = architecture({**common_flags(p, device), "objective": "ntp", "device": "cpu"})
-    model = model.to(device)
-    if compile_blocks:
-        for m in model.blocks:  # what train.py --compile does
-            m.compile()
-    data = load_data("shakespeare", "bytes")
-    tok_s = training_speed(model, objective, args, data, steps or p["timing_steps"], device)
-    mfu = "n/a on CPU"
-    if str(device).startswith("cuda"):
-        peak = gpu_peak_flops(device)
-        mfu = train_flops_per_token(model, args.block_size) * tok_s / peak if peak else "unknown GPU peak"
-    return dict(compile=compile_blocks, device=str(device), tok_s=tok_s, mfu=mfu)
+def core_throughput(p, device, compile_blocks, steps=None, rounds=5):
+    """Training tokens/s of the preset's plain GPT with RoPE and with learned positions, side by side in one process
+    (bench/core.py: interleaved rounds of full AdamW steps, bytes vocabulary; bf16 autocast on CUDA as train.py
+    uses); on CUDA also MFU = FLOPs per token (the ntp formula) x tokens/s / the GPU's bf16 peak."""
+    r = core.compare(p["model"], p["batch_size"], rounds, steps or max(1, p["timing_steps"] // 2), device,
+                     torch.bfloat16 if str(device).startswith("cuda") else None, compile_blocks)
+    return dict(compile=compile_blocks, device=str(device), tok_s=r["tok_s"]["rope"],
+                tok_s_learned=r["tok_s"]["learned"], rope_vs_learned=r["ratio"], mfu=r["mfu"]["rope"],
+                mfu_learned=r["mfu"]["learned"])
 
 
 # ----------------------------------------------------------------------------- the table
@@ -385,8 +374,9 @@ def run(preset="tiny", out="results", device="auto", core=None, rows=ROWS, work=
     log(f"{preset} preset on {report['hardware']}; memory: {memory}")
     log(render(results))
     for c in core_rows:
-        log(f"core GPT {p['model']}, batch {p['batch_size']}, compile={c['compile']}: {fmt(c['tok_s'])} training "
-            f"tok/s | MFU {fmt(c['mfu'])}")
+        log(f"core GPT {p['model']}, batch {p['batch_size']}, compile={c['compile']}: training tok/s RoPE "
+            f"{fmt(c['tok_s'])} | learned {fmt(c.get('tok_s_learned', 'failed'))} | RoPE / learned "
+            f"{fmt(c.get('rope_vs_learned', 'n/a'))} | MFU {fmt(c['mfu'])}")
     if out:
         name = f"bench_{preset}" + ("_cuda" if cuda else "")
         write_results(report, out, name)
