@@ -1,8 +1,8 @@
 # %% [markdown]
 # # Exercises 2: BrierLM, scoring a language model from samples alone
 #
-# *Shao et al. 2025, "Continuous Autoregressive Language Models", the BrierLM section of the evaluation (our note:
-# `shared/papers/brierlm.md`; code: `brierlm.py`; tutorial: `tutorials/brierlm.ipynb`).*
+# *Shao et al. 2025, "Continuous Autoregressive Language Models" (arXiv 2510.27688), the BrierLM part of its
+# evaluation; code: `brierlm.py`; tutorial: `tutorials/brierlm.ipynb`.*
 #
 # Perplexity needs the probability $P(y)$ of the observed token. CALM, diffusion and energy models cannot give it:
 # they can only **sample**. BrierLM scores any model from two samples per position, on one scale for all of them.

@@ -1,8 +1,8 @@
 # %% [markdown]
 # # Exercises 3: multi-token prediction
 #
-# *Gloeckle et al. 2024, "Better & Faster Large Language Models via Multi-token Prediction" (our note:
-# `shared/papers/mtp.md`; code: `mtp.py`; tutorial: `tutorials/mtp.ipynb`).*
+# *Gloeckle et al. 2024, "Better & Faster Large Language Models via Multi-token Prediction" (arXiv 2404.19737);
+# code: `mtp.py`, whose docstring maps the paper's sections to functions; tutorial: `tutorials/mtp.ipynb`.*
 #
 # A shared trunk $f_s$ reads the context; $n$ heads $f_{h_1}, \dots, f_{h_n}$ (one Transformer block each) share the
 # unembedding $f_u$, and head $i$ predicts the token $i$ steps ahead:

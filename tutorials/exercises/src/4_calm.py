@@ -1,8 +1,8 @@
 # %% [markdown]
 # # Exercises 4: CALM, the energy loss and the KL-clipped autoencoder
 #
-# *Shao et al. 2025, "Continuous Autoregressive Language Models" (our note: `shared/papers/calm.md`; code:
-# `calm.py`, whose docstring maps the paper's sections to functions; tutorial: `tutorials/calm.ipynb`).*
+# *Shao et al. 2025, "Continuous Autoregressive Language Models" (arXiv 2510.27688); code: `calm.py`, whose
+# docstring maps the paper's sections to functions; tutorial: `tutorials/calm.ipynb`.*
 #
 # CALM predicts one continuous vector per step, standing for a chunk of K tokens. An autoencoder maps each chunk
 # to a latent vector and back; a Transformer predicts the next latent with a generative head trained by the

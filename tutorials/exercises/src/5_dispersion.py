@@ -1,9 +1,9 @@
 # %% [markdown]
 # # Exercises 5: representation dispersion
 #
-# *Li, Li, Livescu & Zhou 2025, "On the Predictive Power of Representation Dispersion in Language Models" (our note:
-# `shared/papers/dispersion.md`; code: `dispersion.py`, whose docstring tags the equations (D) and (L); tutorial:
-# `tutorials/dispersion.ipynb`).*
+# *Li, Li, Livescu & Zhou 2025, "On the Predictive Power of Representation Dispersion in Language Models" (arXiv
+# 2506.24106); code: `dispersion.py`, whose docstring tags the equations (D) and (L); tutorial:
+# `tutorials/dispersion.ipynb`.*
 #
 # The paper finds that a model whose hidden states of a text are more **spread out** (larger mean pairwise cosine
 # distance) predicts that text better, and that pushing them apart during training can help. You will write the
