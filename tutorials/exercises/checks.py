@@ -90,17 +90,20 @@ def attention_definition(q, k, v):
 
 def cached_attention(student):
     def body():
-        cases = [("no cache: T = Tk = 5", 1, 1, 5, 5, torch.float32),
-                 ("one new query after 8 cached keys", 1, 2, 1, 9, torch.float32),
-                 ("3 new queries after 4 cached keys, B = 2, 3 heads", 2, 3, 3, 7, torch.float32),
-                 ("float64, 2 new after 6 cached", 1, 2, 2, 8, torch.float64)]
-        for n, (label, B, nh, T, Tk, dtype) in enumerate(cases):
+        cases = [("no cache: 5 new positions", 1, 1, 0, 5), ("one new query after 8 cached keys", 1, 2, 8, 1),
+                 ("3 new queries after 4 cached keys, B = 2, 3 heads", 2, 3, 4, 3), ("2 new after 6 cached", 1, 2, 6, 2)]
+        for n, (label, B, nh, cached, new) in enumerate(cases):
             with case(label):
-                args = dict(q=randn(B, nh, T, 8, seed=n, dtype=dtype), k=randn(B, nh, Tk, 8, seed=n + 10, dtype=dtype),
-                            v=randn(B, nh, Tk, 8, seed=n + 20, dtype=dtype))
-                same_function(student, attention_definition, args, "vs the definition (softmax(q k^T / sqrt(d)) v "
-                              "over the keys each query may see)", grad=("q", "k", "v"))
-        return f"{len(cases)} cases match the definition, values and gradients"
+                q, k, v, y = ref.attention_after_cache(B, nh, 8, cached, new, seed=n)
+                same_function(student, attention_definition, dict(q=q, k=k, v=v), "vs the definition (softmax(q k^T "
+                              "/ sqrt(d)) v over the keys each query may see)", grad=("q", "k", "v"))
+                same(call(student, q, k, v), y, "vs gpt.CausalSelfAttention with a KV cache")
+        with case("float64"):
+            args = dict(q=randn(1, 2, 2, 4, seed=9, dtype=torch.float64), k=randn(1, 2, 7, 4, seed=10, dtype=torch.float64),
+                        v=randn(1, 2, 7, 4, seed=11, dtype=torch.float64))
+            same_function(student, attention_definition, args, "vs the definition", grad=("q", "k", "v"))
+        return f"{len(cases) + 1} cases match gpt.CausalSelfAttention's cached attention and the definition, " \
+               "values and gradients"
     return run("1.3", "cached_attention", body)
 
 

@@ -34,6 +34,23 @@ def apply_rope(x, cos, sin):
     return gpt.apply_rope(x, cos, sin)
 
 
+@torch.no_grad()
+def attention_after_cache(B, n_head, head_dim, n_cached, n_new, seed=0):
+    """One case of attention with a KV cache, computed by gpt.CausalSelfAttention: random inputs of n_cached + n_new
+    positions go through its query/key/value projection; the first n_cached keys and values are put in its cache
+    and the last n_new positions are run through forward() (no RoPE; the output projection set to the identity).
+    Returns q (B, nh, n_new, hs), k and v (B, nh, n_cached + n_new, hs), and the module's output (B, nh, n_new, hs)."""
+    torch.manual_seed(seed)
+    C = n_head * head_dim
+    attn = gpt.CausalSelfAttention(gpt.GPTConfig(n_embd=C, n_head=n_head)).eval()
+    torch.nn.init.eye_(attn.c_proj.weight)
+    x = torch.randn(B, n_cached + n_new, C)
+    q, k, v = (t.view(B, -1, n_head, head_dim).transpose(1, 2) for t in attn.c_attn(x).split(C, dim=2))
+    kv = [k[:, :, :n_cached], v[:, :, :n_cached]] if n_cached else [None, None]
+    y = attn(x[:, n_cached:], None, kv)                                     # (B, n_new, C)
+    return q[:, :, n_cached:], k, v, y.view(B, n_new, n_head, head_dim).transpose(1, 2)
+
+
 def tiny_gpt(vocab_size=48, block_size=32, n_layer=2, n_head=2, n_embd=32, seed=0, pos="rope"):
     """A small random GPT (eval mode) for the checks: gpt.GPT(gpt.GPTConfig(...))."""
     torch.manual_seed(seed)

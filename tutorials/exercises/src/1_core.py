@@ -94,7 +94,8 @@ checks.cached_attention(cached_attention)
 # %% [markdown]
 # ## 1.4 Greedy generation with the KV cache
 #
-# Without a cache, generating $n$ tokens feeds the whole growing sequence $n$ times. With one, the prompt is fed
+# The cache changes nothing in the maths of attention (Vaswani et al. 2017, eq. 1, as in 1.3), only what is
+# recomputed. Without a cache, generating $n$ tokens feeds the whole growing sequence $n$ times. With one, the prompt is fed
 # once; then each step feeds **only the newest token**, whose keys and values join the cache, and its query attends
 # over everything cached (exercise 1.3). The positions keep counting from the length of the cache, so RoPE turns the
 # new token by the right angle.

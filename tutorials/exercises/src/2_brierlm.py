@@ -15,7 +15,8 @@
 # %% [markdown]
 # ## 2.1 The two-sample estimator of Brier-n
 #
-# The Brier score of a predictive distribution $P$ for the observed outcome $y$ (higher is better, at most 1) is
+# The CALM paper's evaluation section (sec. 4 in `calm.py`'s map of the paper) defines BrierLM from the Brier score
+# of a predictive distribution $P$ for the observed outcome $y$ (higher is better, at most 1):
 # $\mathrm{Brier}(P, y) = 2P(y) - \sum_x P(x)^2$. Draw two **independent** samples $x_1, x_2 \sim P$; then
 #
 # $$\widehat{\mathrm{Brier}} = \mathbb 1\{x_1 = y\} + \mathbb 1\{x_2 = y\} - \mathbb 1\{x_1 = x_2\}$$
