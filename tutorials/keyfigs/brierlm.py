@@ -72,6 +72,8 @@ def stderr_vs_positions(results):
         ax.loglog(Ns, [r[key]["spread"] for r in rows], "o", color=color, label=f"{name}: spread over groups")
         ax.loglog(Ns, [r[key]["delta"] for r in rows], "-", color=color, label=f"{name}: delta method")
     ax.axhline(0.1, color="gray", ls=":", label="0.1")
+    ax.set_xticks(Ns, [str(n) for n in Ns])
+    ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.set(xlabel="positions N", ylabel="std of BrierLM", title="BrierLM standard error vs positions")
     ax.legend(fontsize=7)
     fig.tight_layout()
