@@ -5,7 +5,7 @@ Paper (as numbered in the paper note) -> code; the equation tags are the ones th
   (D)     dispersion D = 1/(N(N-1)) sum_{i!=j} (1 - cos(h_i, h_j))       dispersion(h): O(N*d) through the sum of
           = 1 - (|S|^2 - N) / (N(N-1)),  S = sum_i h_i/|h_i|              unit vectors, not the O(N^2) matrix
   (X)     between-set version 1/(N M) sum_{i,j} (1 - cos(a_i, b_j))      cross_dispersion(a, b)
-  Find.   dispersion vs perplexity: per segment, across checkpoints       segment_stats, perplexity_and_dispersion,
+  Find.   dispersion vs perplexity: per segment, across checkpoints       scored_segments, perplexity_and_dispersion,
                                                                           correlation
   Find.   per layer and sub-layer, Spearman(dispersion, perplexity)       perplexity_groups (the authors' sort, group
           across perplexity-sampled segment groups                        and uniform sampling), layer_correlations
@@ -17,15 +17,13 @@ Paper (as numbered in the paper note) -> code; the equation tags are the ones th
   (XD)    cross-domain L_aux = -(mean cosine distance over pairs of       between_domain_dispersion,
           token states from different domains only)                       --dispersion_scope cross_domain
 
-What is embedded (checked against the authors' analysis code, yanhong-lbh/rep_dispersion, prerprocess.py and
-step3_compute_dispersion_and_plot.py): text is cut into fixed-length segments; a segment's representation set is
-the hidden state of EVERY token of the segment at the chosen layer (default the last one, after the final norm,
-i.e. Hugging Face's hidden_states[-1] = our 'final'), with no pooling; D is computed within each segment and averaged
-over segments. The authors' repository has no training code, so the auxiliary loss follows the note: all B*T
-final-layer token states of the batch form ONE set (--dispersion_scope batch; 'sequence': one set per window;
-'cross_domain': only pairs from different domains of a mixed dataset, whose batches carry x.domains, see data.py).
-Zero vectors have no direction (cosine undefined): every function here raises UserError on one, none drops it.
-Experiment drivers for the tutorial live in bench/dispersion_experiments.py.
+What is embedded (as in the authors' analysis code, yanhong-lbh/rep_dispersion, analysis/): a segment's set is the
+hidden state of EVERY token of a fixed-length chunk at one layer (default the last, after the final norm: 'final'),
+no pooling; D is taken within each segment and averaged. The authors publish no training code: the auxiliary loss
+follows the note, all B*T final states of the batch as ONE set (--dispersion_scope batch; 'sequence': one set per
+window; 'cross_domain': only pairs from different domains, read from the batch's x.domains, see data.py).
+A zero vector has no direction: every function here raises UserError on one. Experiment drivers for the tutorial
+live in bench/dispersion_experiments.py.
 """
 import contextlib
 import math
@@ -178,14 +176,6 @@ def scored_segments(model, batches, layers=("final",)):
     return torch.cat(nlls), {k: torch.cat(v) for k, v in disps.items()}, torch.cat(counts)
 
 
-def segment_stats(model, batches, layer="final"):
-    """Per segment (row): mean next-token NLL and dispersion of its token states at `layer`. The paper's main
-    analysis unit: one model, many segments; lower-perplexity segments are predicted to be more dispersed.
-    Returns (nll (n,), disp (n,)); perplexity = nll.exp()."""
-    nll, disp, _ = scored_segments(model, batches, [layer])
-    return nll, disp[layer]
-
-
 def perplexity_groups(ppl, group_size, n_groups=None):
     """The authors' binning (step2_group_and_sample.py): sort segments by perplexity, cut into consecutive groups
     of group_size (an incomplete last group is dropped), then keep the groups whose mean perplexity is nearest to
@@ -202,12 +192,6 @@ def perplexity_groups(ppl, group_size, n_groups=None):
     targets = torch.linspace(means[0].item(), means[-1].item(), n_groups, dtype=torch.float64)
     nearest = (means[None, :] - targets[:, None]).abs().argmin(1)                       # (n_groups,)
     return groups[nearest.unique()]
-
-
-def group_by_perplexity(ppl, disp, group_size, n_groups=None):
-    """(mean perplexity, mean dispersion) of each group that perplexity_groups keeps."""
-    groups = perplexity_groups(ppl, group_size, n_groups)
-    return torch.as_tensor(ppl)[groups].mean(1), torch.as_tensor(disp)[groups].mean(1)
 
 
 def layer_correlations(model, batches, group_size, n_groups=None, layers=None):
@@ -310,40 +294,46 @@ def knn_search(queries, keys, k, chunk=512):
     return torch.cat(dists), torch.cat(idxs)
 
 
-def knn_log_prob(queries, targets, datastore, k=16, temperature=1.0):
-    """log p_kNN(target | query) (M,): p_kNN(y) = sum over the k neighbours whose value is y of
-    softmax_j(-|q - key_j|^2 / temperature) (Khandelwal et al. 2020). -inf when no neighbour predicts y."""
+def knn_neighbours(model, batches, datastore, layer, k=16):
+    """For every scored target y of the batches (targets -1 skipped), with the query the representation `layer`
+    (the one the datastore keys come from): the squared distances to its k nearest keys (M, k), whether each
+    neighbour's value is y (M, k), and the LM's log p_LM(y) (M,)."""
     keys, values = datastore
-    dist, idx = knn_search(queries.float(), keys, k)
-    weights = torch.softmax(-dist / temperature, dim=1)                                 # (M, k)
-    hit = values[idx] == targets.unsqueeze(1)                                           # (M, k)
-    return (weights * hit).sum(1).log()
-
-
-def knn_lm_perplexity(model, batches, datastore, layer, weight=0.25, k=16, temperature=1.0):
-    """Perplexity of the kNN-LM p(y) = weight * p_kNN(y) + (1 - weight) * p_LM(y) over the batches' tokens, with
-    the query the representation `layer` (the same one the datastore keys were built from). weight = 0 gives
-    the LM's own perplexity; the paper predicts the best key layer is the most dispersed one (choose_layer)."""
-    if not 0 <= weight <= 1:
-        raise UserError(f"kNN-LM interpolation weight must be in [0, 1], got {weight}")
-    if temperature <= 0 or k < 1:
-        raise UserError(f"kNN-LM needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
-    log_w, log_1mw = torch.tensor([weight, 1 - weight], dtype=torch.float64).log()     # log 0 = -inf is fine
-    total, count = 0.0, 0
+    dists, hits, lm = [], [], []
     with eval_mode(model):
         for x, y in batches:
             states = model.hidden_states(x)
-            logits = model.lm_head(states["final"])                                     # (B, T, V)
-            keep = y.flatten() != -1                                                    # padding is not scored
-            lm = -F.cross_entropy(logits.flatten(0, 1)[keep].float(), y.flatten()[keep], reduction="none")  # log p_LM
+            keep, target = y.flatten() != -1, y.flatten()[y.flatten() != -1]           # padding is not scored
+            logits = model.lm_head(states["final"]).flatten(0, 1)[keep].float()       # (M, V)
+            lm.append(-F.cross_entropy(logits, target, reduction="none"))             # log p_LM(y)
             q = pick(states, layer)
-            knn = knn_log_prob(q.reshape(-1, q.size(-1))[keep], y.flatten()[keep], datastore, k, temperature)
-            mix = torch.logaddexp(log_w + knn.double(), log_1mw + lm.double())         # log of the interpolation
-            total -= mix.sum().item()
-            count += mix.numel()
-    if count == 0:
-        raise UserError("knn_lm_perplexity needs at least one evaluation batch")
-    return math.exp(total / count)
+            d, i = knn_search(q.reshape(-1, q.size(-1))[keep].float(), keys, k)
+            dists.append(d)
+            hits.append(values[i] == target[:, None])
+    if not lm:
+        raise UserError("the kNN-LM needs at least one evaluation batch")
+    return torch.cat(dists), torch.cat(hits), torch.cat(lm)
+
+
+def knn_mix_perplexity(neighbours, weight=0.25, temperature=1.0):
+    """Perplexity of p(y) = weight * p_kNN(y) + (1 - weight) * p_LM(y), p_kNN(y) = sum over the neighbours whose
+    value is y of softmax_j(-|q - key_j|^2 / temperature) (Khandelwal et al. 2020), from knn_neighbours."""
+    if not 0 <= weight <= 1:
+        raise UserError(f"kNN-LM interpolation weight must be in [0, 1], got {weight}")
+    if temperature <= 0:
+        raise UserError(f"kNN-LM needs temperature > 0, got {temperature}")
+    dist, hit, lm = neighbours
+    log_w, log_1mw = torch.tensor([weight, 1 - weight], dtype=torch.float64).log()     # log 0 = -inf is fine
+    knn = (torch.softmax(-dist / temperature, dim=1) * hit).sum(1).double().log()      # log p_kNN(y), (M,)
+    return math.exp(-torch.logaddexp(log_w + knn, log_1mw + lm.double()).mean().item())
+
+
+def knn_lm_perplexity(model, batches, datastore, layer, weight=0.25, k=16, temperature=1.0):
+    """kNN-LM perplexity over the batches' tokens with keys and queries from `layer`. weight = 0 gives the LM's
+    own perplexity; the paper predicts the best key layer is the most dispersed one (choose_layer)."""
+    if k < 1:
+        raise UserError(f"kNN-LM needs k >= 1, got {k}")
+    return knn_mix_perplexity(knn_neighbours(model, batches, datastore, layer, k), weight, temperature)
 
 
 def choose_layer(profile, candidates=None):
@@ -354,12 +344,6 @@ def choose_layer(profile, candidates=None):
     if missing or not names:
         raise UserError(f"choose_layer: {missing or 'no candidates'} not in the profile")
     return max(names, key=lambda n: profile[n])
-
-
-def knn_layer_sweep(model, store_batches, eval_batches, layers, **knn_kwargs):
-    """{layer: kNN-LM perplexity} with the datastore keyed by each layer in turn (what choose_layer avoids)."""
-    return {layer: knn_lm_perplexity(model, eval_batches, build_datastore(model, store_batches, layer), layer,
-                                     **knn_kwargs) for layer in layers}
 
 
 # ----------------------------------------------------------------------------- the training objective
@@ -384,11 +368,11 @@ def check_config(args):
 
 def build(gcfg, args, data):
     check_config(args)
-    domains = getattr(data, "domains", [data.name])
-    if args.dispersion_scope == "cross_domain" and len(domains) < 2:
+    domains = getattr(data, "domains", [None])  # data is None when sample.py loads a checkpoint
+    if data is not None and args.dispersion_scope == "cross_domain" and len(domains) < 2:
         raise UserError(f"--dispersion_scope cross_domain needs a mixed dataset (--dataset A+B), "
                         f"got the single domain {data.name!r}")
-    if args.dispersion_scope == "cross_domain" and args.batch_size < len(domains):
+    if data is not None and args.dispersion_scope == "cross_domain" and args.batch_size < len(domains):
         raise UserError(f"--dispersion_scope cross_domain needs every batch to hold all {len(domains)} domains: "
                         f"--batch_size must be at least {len(domains)}, got {args.batch_size}")
     return GPT(gcfg)  # a plain GPT: the objective changes the loss only
@@ -409,14 +393,10 @@ def dispersion_loss(model, x, y, args):
     h = model.body(model.embed(x))                                                     # (B, T, d) = ln_f(last)
     logits = model.lm_head(h)                                                          # (B, T, V)
     ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)  # GPT.forward's loss
-    lam, domains = args.dispersion_weight, getattr(x, "domains", None)                # labels: data.py, mixed data
-    if lam == 0:  # exactly NTP: the auxiliary term is only measured, never in the graph
-        with torch.no_grad():
-            aux = aux_loss(h, args.dispersion_scope, domains)
-        loss = ce
-    else:
-        aux = aux_loss(h, args.dispersion_scope, domains)
-        loss = ce + lam * aux                                                          # eq. (L)
+    lam = args.dispersion_weight
+    with torch.set_grad_enabled(lam > 0 and torch.is_grad_enabled()):  # lam = 0: exactly NTP, L_aux only measured
+        aux = aux_loss(h, args.dispersion_scope, getattr(x, "domains", None))          # labels: data.py, A+B data
+    loss = ce + lam * aux if lam > 0 else ce                                           # eq. (L)
     disp = -aux.item()
     if model.training:  # running (exponential moving) average of the training batches' dispersion
         prev = getattr(model, "running_dispersion", None)
@@ -434,14 +414,10 @@ def evaluate(model, data, args):
                                 args.device)
         stats = perplexity_and_dispersion(model, batches)
         domain = split[len("val:"):]
-        out[f"val_ppl{domain_suffix(domain)}"], out[f"val_disp{domain_suffix(domain)}"] = stats["ppl"], stats["disp"]
+        suffix = "_" + (os.path.splitext(os.path.basename(domain))[0] if domain.startswith("file:") else domain) \
+            if domain else ""
+        out[f"val_ppl{suffix}"], out[f"val_disp{suffix}"] = stats["ppl"], stats["disp"]
     return out
-
-
-def domain_suffix(domain):
-    """'' for the whole val split, '_<name>' for a domain ('_<stem>' for file:PATH): the metric names' suffix."""
-    return "_" + (os.path.splitext(os.path.basename(domain))[0] if domain.startswith("file:") else domain) \
-        if domain else ""
 
 
 def generate(model, idx, args, generator=None):
