@@ -1,10 +1,11 @@
-"""python -m bench <table|mtp|calm> [flags]: one entry point for every benchmark (see bench/__init__.py)."""
+"""python -m bench <table|mtp|calm|dispersion> [flags]: one entry point for every benchmark (see bench/__init__.py)."""
 import importlib
 import sys
 
 from gpt import UserError
 
-COMMANDS = {"table": "bench.table", "mtp": "bench.mtp_bench", "calm": "bench.calm_bench"}
+COMMANDS = {"table": "bench.table", "mtp": "bench.mtp_bench", "calm": "bench.calm_bench",
+            "dispersion": "bench.dispersion_experiments"}
 
 
 def main(argv=None):
