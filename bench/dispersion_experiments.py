@@ -122,14 +122,11 @@ SCALES = {  # model, run length, grid and measurement sizes per scale
                                              problems=6003),
                 seg_chunks=6400, group=50, n_groups=40, store_chunks=512, tune_chunks=16, test_chunks=32,
                 share_sets=10, set_size=100),
-    "gpu": dict(model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256), batch_size=32, iters=3000,
-                lams=[0, 0.001, 0.01, 0.1], seeds=[1, 2, 3],
-                extra=[("cross", "batch", 0.1), ("cross", "cross_domain", 1.0)],
-                eval_chunks=1024, family=dict(sizes=[(2, 128), (4, 256), (6, 384)], snaps=[500, 1000, 2000, 4000],
-                                              problems=6003),
-                seg_chunks=6400, group=50, n_groups=40, store_chunks=2048, tune_chunks=32, test_chunks=64,
-                share_sets=10, set_size=100),  # not run yet: no GPU in the session that wrote this
 }
+SCALES["gpu"] = dict(SCALES["cpu"], model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256), batch_size=32,
+                     iters=3000, eval_chunks=1024, store_chunks=2048, tune_chunks=32, test_chunks=64,
+                     family=dict(sizes=[(2, 128), (4, 256), (6, 384)], snaps=[500, 1000, 2000, 4000], problems=6003))
+# (the gpu scale has not been run: no GPU in the session that wrote this)
 DATASETS = {"single": "shakespeare", "cross": "shakespeare+pystdlib"}
 
 
@@ -183,8 +180,8 @@ def domain_eval(model, data, n_chunks, block_size):
 def sweep_runs(S):
     """(setting, scope, lambda, seed) of every run: lambda 0 is plain NTP (its scope is irrelevant)."""
     runs = [(setting, "batch" if setting == "single" or lam == 0 else "cross_domain", lam, seed)
-            for setting in ("single", "cross") for lam in S["lams"] for seed in S["seeds"]]
-    return runs + [(setting, scope, lam, seed) for setting, scope, lam in S["extra"] for seed in S["seeds"]]
+            for seed in S["seeds"] for setting in ("single", "cross") for lam in S["lams"]]  # seed by seed
+    return runs + [(setting, scope, lam, seed) for seed in S["seeds"] for setting, scope, lam in S["extra"]]
 
 
 def sweep(scale="cpu", out_dir="out/dispersion", results=None, device="cpu", log=print):
@@ -198,7 +195,10 @@ def sweep(scale="cpu", out_dir="out/dispersion", results=None, device="cpu", log
             argv = ["--objective", "dispersion", "--dataset", DATASETS[setting], "--dispersion_weight", str(lam),
                     "--dispersion_scope", scope, "--seed", str(seed), "--max_iters", str(S["iters"]),
                     "--out_dir", os.path.join(out_dir, "sweep", name), "--overwrite"] + model_flags(S, device)
-            model = load_model(run_training(argv), device)[0]
+            path = os.path.join(out_dir, "sweep", name, "ckpt.pt")
+            if not (os.path.exists(path) and train.load_checkpoint(path)["iter"] == S["iters"]):  # else: finished
+                run_training(argv)
+            model = load_model(path, device)[0]
             return dict(setting=setting, scope=scope, lam=lam, seed=seed,
                         domains=domain_eval(model, load_data(DATASETS[setting], "bytes"), S["eval_chunks"],
                                             S["model"]["block_size"]))
