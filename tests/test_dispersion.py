@@ -405,3 +405,57 @@ def test_chunk_batches_are_distinct_non_overlapping_chunks():
     assert sum(len(x) for x, _ in dp.chunk_batches(Counting(), "val", 500, 64, 16)) == 62
     with pytest.raises(UserError, match="chunks"):
         dp.chunk_batches(Counting(), "val", 1, 1, 2000)
+
+
+# ----------------------------------------------------------------------------- the experiment helpers (bench/)
+
+def test_arithmetic_exact_match_scores_only_the_answer_and_its_newline():
+    from bench import dispersion_experiments as dx
+    windows = dx.arithmetic_windows(dx.arithmetic_problems(13, seed=5), context=3)
+    x, y, answer, question = windows
+    assert len(x) == 10
+    for r in range(10):  # the masks cover exactly 'a+b=' and the answer's bytes plus the newline
+        assert bytes(x[r][question[r]].tolist()).decode().endswith("=")
+        assert bytes(y[r][answer[r]].tolist()).decode().endswith("\n")
+    rows = {tuple(row.tolist()): r for r, row in enumerate(x)}
+    spoil = {2: "answer", 5: "context", 7: "answer"}
+
+    class Oracle(torch.nn.Module):  # predicts every next byte right, except where it was told to spoil
+        def forward(self, xb):
+            out = []
+            for row in xb:
+                r = rows[tuple(row.tolist())]
+                target = y[r].clamp_min(0).clone()
+                where = answer[r] if spoil.get(r) == "answer" else ~answer[r] & (y[r] >= 0)
+                if r in spoil:
+                    target[where.nonzero()[0]] = (target[where.nonzero()[0]] + 1) % 256
+                out.append(F.one_hot(target, 256).float())
+            return torch.stack(out), None
+    correct = dx.arithmetic_correct(Oracle(), windows, batch_size=4)
+    assert correct.tolist() == [r not in (2, 7) for r in range(10)]   # a wrong context byte does not count
+
+
+def test_label_free_sets_have_the_asked_share_of_right_answers():
+    from bench import dispersion_experiments as dx
+    correct = torch.tensor([True] * 30 + [False] * 40)
+    within = correct.double()                    # a question's "dispersion": 1 when answered right, else 0
+    last = torch.randn(70, 8)
+    out = dx.accuracy_sets(correct, within, last, set_size=20, n_sets=3)
+    assert len(out["sets"]) == 33 and {s for s, _, _ in out["sets"]} == {i / 10 for i in range(11)}
+    assert all(abs(w - share) < 1e-9 for share, w, _ in out["sets"])  # so the set's mean is its share
+    assert out["within"]["pearson"] == pytest.approx(1.0)
+    assert dx.accuracy_sets(correct, within, last, set_size=31, n_sets=1) is None  # only 30 right answers
+
+
+def test_sweep_table_pairs_every_run_with_the_lambda_zero_run_of_its_seed():
+    from bench import dispersion_experiments as dx
+
+    def row(setting, scope, lam, seed, ppl):
+        return dict(setting=setting, scope=scope, lam=lam, seed=seed, domains={"a": dict(ppl=ppl, disp=0.5)})
+    rows = {str(i): r for i, r in enumerate([row("cross", "batch", 0, 1, 10.0), row("cross", "batch", 0, 2, 20.0),
+                                             row("cross", "cross_domain", 0.1, 1, 9.0),
+                                             row("cross", "cross_domain", 0.1, 2, 19.0)])}
+    table = {(t[1], t[2]): t for t in dx.sweep_table(rows)}
+    base, pushed = table[("-", 0)], table[("cross_domain", 0.1)]
+    assert base[5:7] == (15.0, 5.0)                                    # mean 15, s.e. = sample std 7.07 / sqrt(2)
+    assert pushed[7:9] == (-1.0, 0.0)                                 # both seeds 1 lower: no spread in the change
