@@ -88,8 +88,7 @@ KINDS = ("layers", "attn", "ffn_in", "mlp")  # residual stream, attention output
 
 
 def layer_names(states):
-    """Every representation in a hidden_states dict: layers.0 (embeddings) .. layers.L, attn.i, ffn_in.i, mlp.i,
-    final."""
+    """Every representation of a hidden_states dict: layers.0 (embeddings)..layers.L, attn.i, ffn_in.i, mlp.i, final."""
     names = [f"{kind}.{i}" for kind in KINDS for i in range(len(states.get(kind, [])))]
     return names + (["final"] if "final" in states else [])
 
@@ -368,13 +367,13 @@ def check_config(args):
 
 def build(gcfg, args, data):
     check_config(args)
-    domains = getattr(data, "domains", [None])  # data is None when sample.py loads a checkpoint
-    if data is not None and args.dispersion_scope == "cross_domain" and len(domains) < 2:
-        raise UserError(f"--dispersion_scope cross_domain needs a mixed dataset (--dataset A+B), "
-                        f"got the single domain {data.name!r}")
-    if data is not None and args.dispersion_scope == "cross_domain" and args.batch_size < len(domains):
-        raise UserError(f"--dispersion_scope cross_domain needs every batch to hold all {len(domains)} domains: "
-                        f"--batch_size must be at least {len(domains)}, got {args.batch_size}")
+    if data is not None and args.dispersion_scope == "cross_domain":  # data is None when sample.py loads a model
+        if len(data.domains) < 2:
+            raise UserError(f"--dispersion_scope cross_domain needs a mixed dataset (--dataset A+B), "
+                            f"got the single domain {data.name!r}")
+        if args.batch_size < len(data.domains):
+            raise UserError(f"--dispersion_scope cross_domain needs every batch to hold all {len(data.domains)} "
+                            f"domains: --batch_size must be at least {len(data.domains)}, got {args.batch_size}")
     return GPT(gcfg)  # a plain GPT: the objective changes the loss only
 
 
