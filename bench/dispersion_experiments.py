@@ -13,6 +13,7 @@ argmax is the answer's every byte and the closing newline, i.e. exactly when gre
 """
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -396,4 +397,5 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as e:
-        raise SystemExit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
