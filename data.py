@@ -7,7 +7,9 @@ Datasets:    'shakespeare'   Tiny Shakespeare (char-rnn), downloaded once; first
                              every 10th file is validation
              'file:PATH'     any UTF-8 text file; 90% / 10% split
              'A+B'           a cross-domain mix (e.g. 'shakespeare+pystdlib'): each domain's train split cut to the
-                             smaller one's length, so both are sampled equally; per-domain splits 'val:A', 'val:B'
+                             smaller one's length; per-domain splits 'val:A', 'val:B'. Batches of a mix are balanced
+                             (row i from domain i mod K, its window inside that domain) and carry their domain labels:
+                             x.domains (B,) indexes data.domains (the cross-domain dispersion loss reads them)
              'induction', 'polynomial'   the MTP paper's synthetic tasks, generated in memory with their own
                              tokenizers and an accuracy metric (see the end of this file)
 Cache: $LMPAPERS_CACHE (default ~/.cache/lmpapers) holds downloads, token caches and the tiktoken cache
@@ -181,9 +183,11 @@ def tokenize_to_cache(texts, tokenizer, path):
 class Dataset:
     """Token splits of one dataset as read-only memmaps; `built` lists the splits tokenized by this load."""
 
-    def __init__(self, name, tokenizer, splits, built):
+    def __init__(self, name, tokenizer, splits, built, domains=None, starts=None):
         self.name, self.tokenizer, self.splits, self.built = name, tokenizer, splits, built
         self.vocab_size = tokenizer.vocab_size
+        self.domains = domains or [name]  # a mix 'A+B' has several
+        self.starts = starts or {}        # mixed split -> offset where each domain's part begins
 
     def get_batch(self, split, batch_size, block_size, generator=None, device="cpu"):
         """batch_size random windows: x (B, T) and the next-token targets y (B, T)."""
@@ -192,16 +196,26 @@ class Dataset:
 
     def random_offsets(self, split, n, block_size, generator=None):
         data = self.split(split)
-        if len(data) <= block_size + 1:
+        starts = torch.tensor(self.starts.get(split, [0]) + [len(data)])
+        room = starts.diff() - block_size - 1  # window starts available inside each domain's part
+        if bool((room <= 0).any()):
             raise UserError(f"block_size={block_size} is larger than the {split!r} split of {self.name!r} "
-                            f"({len(data)} tokens)")
-        return torch.randint(len(data) - block_size - 1, (n,), generator=generator)
+                            f"({int(starts.diff().min())} tokens)")
+        if len(room) == 1:
+            return torch.randint(int(room[0]), (n,), generator=generator)
+        k = torch.arange(n) % len(room)  # balanced: row i from domain i mod K
+        return starts[k] + (torch.rand(n, generator=generator, dtype=torch.float64) * room[k]).long()
 
     def batch_at(self, split, ix, block_size, device="cpu"):
         data = self.split(split)
         x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
-        return x.to(device), y.to(device)
+        x, y = x.to(device), y.to(device)
+        if len(self.domains) > 1:  # domain label of every row: by offset, or the split's own domain ('val:A')
+            own = split.partition(":")[2]
+            x.domains = (torch.full((len(ix),), self.domains.index(own)) if own in self.domains else
+                         torch.searchsorted(torch.tensor(self.starts[split]), ix, right=True) - 1).to(device)
+        return x, y
 
     def split(self, split):
         if split not in self.splits:
@@ -231,6 +245,9 @@ def load_dataset(name, tokenizer_name):
         n = min(len(splits[f"train:{d}"]) for d in domains)
         splits["train"] = np.concatenate([splits[f"train:{d}"][:n] for d in domains])
         splits["val"] = np.concatenate([splits[f"val:{d}"] for d in domains])
+        starts = {"train": [i * n for i in range(len(domains))],
+                  "val": np.cumsum([0] + [len(splits[f"val:{d}"]) for d in domains[:-1]]).tolist()}
+        return Dataset(name, tokenizer, splits, built, domains, starts)
     return Dataset(name, tokenizer, splits, built)
 
 

@@ -1,27 +1,29 @@
 """Representation dispersion: Li, Li, Livescu & Zhou, "On the Predictive Power of Representation Dispersion in
-Language Models" (arXiv 2506.24106, 2025), as a metric, a training objective and a layer selector.
+Language Models" (arXiv 2506.24106, 2025), as a metric, a training objective, a model and a layer selector.
 
 Paper (as numbered in the paper note) -> code; the equation tags are the ones the comments below cite
   (D)     dispersion D = 1/(N(N-1)) sum_{i!=j} (1 - cos(h_i, h_j))       dispersion(h): O(N*d) through the sum of
           = 1 - (|S|^2 - N) / (N(N-1)),  S = sum_i h_i/|h_i|              unit vectors, not the O(N^2) matrix
   (X)     between-set version 1/(N M) sum_{i,j} (1 - cos(a_i, b_j))      cross_dispersion(a, b)
-  Find.   dispersion vs perplexity: per segment, across checkpoints       segment_stats, group_by_perplexity,
-                                                                          perplexity_and_dispersion, correlation
-  Find.   the profile over every layer and attention / MLP sub-layer      layer_dispersion (any model exposing
-                                                                          hidden_states(idx): GPT, MTP, CALM)
-  App. 2  the dispersion gap for model selection                         dispersion_gap
-  App. 3  kNN-LM (Khandelwal et al. 2020) keys from layer l, layer choice build_datastore, knn_lm_perplexity,
-          by maximum dispersion                                           choose_layer
+  Find.   dispersion vs perplexity: per segment, across checkpoints       scored_segments, perplexity_and_dispersion,
+                                                                          correlation
+  Find.   per layer and sub-layer, Spearman(dispersion, perplexity)       perplexity_groups (the authors' sort, group
+          across perplexity-sampled segment groups                        and uniform sampling), layer_correlations
+  App. 2  dispersion gap G = within(T) + between(T, T') over the rows    dispersion_gap (no text, no forward pass)
+          of the output matrix: task tokens T, everyday tokens T'
+  App. 3  kNN-LM (Khandelwal et al. 2020) keys from any layer or          build_datastore, knn_lm_perplexity,
+          sub-layer ('ffn_in.L-1' = the usual key), choice by dispersion  choose_layer
   (L)     push-away training L = L_CE + lambda * L_aux, L_aux = -D        OBJECTIVES['dispersion'] (train.py)
+  (XD)    cross-domain L_aux = -(mean cosine distance over pairs of       between_domain_dispersion,
+          token states from different domains only)                       --dispersion_scope cross_domain
 
-What is embedded (checked against the authors' analysis code, yanhong-lbh/rep_dispersion, prerprocess.py and
-step3_compute_dispersion_and_plot.py): text is cut into fixed-length segments; a segment's representation set is
-the hidden state of EVERY token of the segment at the chosen layer (default the last one, after the final norm,
-i.e. Hugging Face's hidden_states[-1] = our 'final'), with no pooling; D is computed within each segment and averaged
-over segments. layer_dispersion and the evaluation below do exactly that with one segment per (B, T) window row.
-The authors' repository has no training code, so the auxiliary loss follows the note: all B*T final-layer token
-states of the batch form ONE set (--dispersion_scope batch); --dispersion_scope sequence uses one set per window.
-Zero vectors have no direction (cosine undefined): every function here raises UserError on one, none drops it.
+What is embedded (as in the authors' analysis code, yanhong-lbh/rep_dispersion, analysis/): a segment's set is the
+hidden state of EVERY token of a fixed-length chunk at one layer (default the last, after the final norm: 'final'),
+no pooling; D is taken within each segment and averaged. The authors publish no training code: the auxiliary loss
+follows the note, all B*T final states of the batch as ONE set (--dispersion_scope batch; 'sequence': one set per
+window; 'cross_domain': only pairs from different domains, read from the batch's x.domains, see data.py).
+A zero vector has no direction: every function here raises UserError on one. Experiment drivers for the tutorial
+live in bench/dispersion_experiments.py.
 """
 import contextlib
 import math
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt import GPT, UserError
+from runtime import ntp_generate
 
 
 # ----------------------------------------------------------------------------- the metric
@@ -64,21 +67,40 @@ def cross_dispersion(a, b):
     return 1 - unit_vectors(a).mean(0) @ unit_vectors(b).mean(0)
 
 
+def between_domain_dispersion(h, domains):
+    """eq. (XD): mean cosine distance over the pairs of token states (h (B, T, d)) whose rows belong to different
+    domains (domains (B,) ints); within-domain pairs are left out. With S_k the sum of domain k's unit vectors and
+    n_k its count: sum over between pairs of u_i.u_j = |sum_k S_k|^2 - sum_k |S_k|^2, pairs = N^2 - sum_k n_k^2."""
+    u = unit_vectors(h).reshape(-1, h.size(-1))                                        # (B*T, d)
+    labels = torch.as_tensor(domains, device=h.device).long().repeat_interleave(h.size(1))  # (B*T,)
+    present = labels.unique()
+    if len(present) < 2:
+        raise UserError(f"cross-domain dispersion: the batch holds one domain only (label {present.tolist()}); "
+                        f"it needs rows of at least two domains")
+    S_k = torch.zeros(int(labels.max()) + 1, u.size(1), dtype=u.dtype, device=u.device).index_add(0, labels, u)
+    n_k = torch.bincount(labels).to(u.dtype)                                           # (K,)
+    pairs = n_k.sum() ** 2 - n_k.pow(2).sum()
+    return 1 - (S_k.sum(0).pow(2).sum() - S_k.pow(2).sum()) / pairs
+
+
 # ----------------------------------------------------------------------------- representations of any model
 
+KINDS = ("layers", "attn", "ffn_in", "mlp")  # residual stream, attention output, FFN input (after ln_2), FFN output
+
+
 def layer_names(states):
-    """Every representation in a hidden_states dict: layers.0 (embeddings) .. layers.L, attn.i, mlp.i, final."""
-    names = [f"{kind}.{i}" for kind in ("layers", "attn", "mlp") for i in range(len(states.get(kind, [])))]
+    """Every representation of a hidden_states dict: layers.0 (embeddings)..layers.L, attn.i, ffn_in.i, mlp.i, final."""
+    names = [f"{kind}.{i}" for kind in KINDS for i in range(len(states.get(kind, [])))]
     return names + (["final"] if "final" in states else [])
 
 
 def pick(states, layer):
-    """The (B, T, d) tensor called `layer` ('final', 'layers.3', 'attn.0', 'mlp.1') in a hidden_states dict."""
+    """The (B, T, d) tensor called `layer` ('final', 'layers.3', 'attn.0', 'ffn_in.1', 'mlp.1') of hidden_states."""
     if layer == "final" and "final" in states:
         return states["final"]
     kind, _, index = str(layer).partition(".")
-    if kind not in ("layers", "attn", "mlp") or kind not in states or not index.isdigit():
-        raise UserError(f"unknown layer {layer!r}: use 'final', 'layers.I', 'attn.I' or 'mlp.I'")
+    if kind not in KINDS or kind not in states or not index.isdigit():
+        raise UserError(f"unknown layer {layer!r}: use 'final', 'layers.I', 'attn.I', 'ffn_in.I' or 'mlp.I'")
     if int(index) >= len(states[kind]):
         raise UserError(f"layer index {index} out of range: {kind} has {len(states[kind])} entries "
                         f"(0..{len(states[kind]) - 1})")
@@ -93,6 +115,16 @@ def fixed_batches(data, split, n_batches, batch_size, block_size, seed=0, device
     """The same n_batches (x, y) windows of a split every time (own generator): comparable across models."""
     gen = torch.Generator().manual_seed(seed)
     return [data.get_batch(split, batch_size, block_size, gen, device) for _ in range(n_batches)]
+
+
+def chunk_batches(data, split, n_chunks, batch_size, block_size, seed=0, device="cpu"):
+    """n_chunks distinct, non-overlapping block_size chunks of a split, in random order, as (x, y) batches: the
+    authors' segments (they sample 512-token chunks of the corpus)."""
+    available = (len(data.split(split)) - 1) // block_size
+    if available < 1 or n_chunks < 1:
+        raise UserError(f"the {split!r} split has {available} chunks of {block_size} tokens; asked for {n_chunks}")
+    ix = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n_chunks] * block_size
+    return [data.batch_at(split, ix[i:i + batch_size], block_size, device) for i in range(0, len(ix), batch_size)]
 
 
 @contextlib.contextmanager
@@ -122,18 +154,13 @@ def layer_dispersion(model, batches):
     return {name: s / n_segments for name, s in sums.items()}
 
 
-# ----------------------------------------------------------------------------- application (a): vs perplexity
+# ----------------------------------------------------------------------------- dispersion vs perplexity
 
-def segment_stats(model, batches, layer="final"):
-    """Per segment (row): mean next-token NLL and dispersion of its token states at `layer`. The paper's main
-    analysis unit: one model, many segments; lower-perplexity segments are predicted to be more dispersed.
-    Returns (nll (n,), disp (n,)); perplexity = nll.exp(). Needs a GPT-like model (lm_head on 'final')."""
-    return scored_segments(model, batches, layer)[:2]
-
-
-def scored_segments(model, batches, layer="final"):
-    """segment_stats plus the number of scored targets per row (targets -1, padding, are skipped)."""
-    nlls, disps, counts = [], [], []
+def scored_segments(model, batches, layers=("final",)):
+    """Per segment (row): mean next-token NLL (n,), {layer: dispersion of its token states (n,)} for each of
+    `layers` (None: every representation), and the number of scored targets (n,) (targets -1, padding, skipped).
+    Needs a GPT-like model (lm_head on 'final')."""
+    nlls, disps, counts = [], {}, []
     with eval_mode(model):
         for x, y in batches:
             states = model.hidden_states(x)
@@ -142,30 +169,49 @@ def scored_segments(model, batches, layer="final"):
             n = (y != -1).sum(1)                                                        # (B,)
             nlls.append(nll.sum(1) / n)
             counts.append(n)
-            disps.append(dispersion(pick(states, layer)))                             # (B,)
+            for name in (layer_names(states) if layers is None else layers):
+                disps.setdefault(name, []).append(dispersion(pick(states, name)))      # (B,)
     if not nlls:
         raise UserError("segment statistics need at least one batch")
-    return torch.cat(nlls), torch.cat(disps), torch.cat(counts)
+    return torch.cat(nlls), {k: torch.cat(v) for k, v in disps.items()}, torch.cat(counts)
 
 
-def group_by_perplexity(ppl, disp, group_size):
-    """The authors' binning: sort segments by perplexity, average consecutive groups of group_size (an incomplete
-    last group is dropped). Returns (mean ppl per group, mean dispersion per group)."""
+def perplexity_groups(ppl, group_size, n_groups=None):
+    """The authors' binning (step2_group_and_sample.py): sort segments by perplexity, cut into consecutive groups
+    of group_size (an incomplete last group is dropped), then keep the groups whose mean perplexity is nearest to
+    n_groups evenly spaced values between the lowest and the highest group mean (uniform in perplexity; a group
+    nearest to two values is kept once). Returns the segment indices of the kept groups (G, group_size)."""
     if group_size < 1 or len(ppl) < group_size:
         raise UserError(f"group_size must be between 1 and the number of segments ({len(ppl)}), got {group_size}")
-    order = ppl.argsort()
+    ppl = torch.as_tensor(ppl, dtype=torch.float64)
     n = len(ppl) // group_size * group_size
-    return (ppl[order][:n].view(-1, group_size).mean(1), disp[order][:n].view(-1, group_size).mean(1))
+    groups = ppl.argsort()[:n].view(-1, group_size)                                     # (all groups, group_size)
+    if n_groups is None or n_groups >= len(groups):
+        return groups
+    means = ppl[groups].mean(1)                                                         # ascending
+    targets = torch.linspace(means[0].item(), means[-1].item(), n_groups, dtype=torch.float64)
+    nearest = (means[None, :] - targets[:, None]).abs().argmin(1)                       # (n_groups,)
+    return groups[nearest.unique()]
+
+
+def layer_correlations(model, batches, group_size, n_groups=None, layers=None):
+    """The paper's layer-wise figure: for each representation (every layer and sub-layer unless `layers` is
+    given), Spearman(group mean dispersion, group mean perplexity) over the perplexity-sampled segment groups.
+    Returns ({layer: spearman}, group mean perplexities)."""
+    nll, disps, _ = scored_segments(model, batches, layers)
+    groups = perplexity_groups(nll.exp(), group_size, n_groups)
+    g_ppl = nll.exp()[groups].mean(1)
+    return {name: correlation(d[groups].mean(1), g_ppl)["spearman"] for name, d in disps.items()}, g_ppl
 
 
 def perplexity_and_dispersion(model, batches, layer="final"):
     """One number each for a model (a checkpoint): perplexity over all tokens of the batches and the mean
     within-segment dispersion at `layer`. Across checkpoints or model sizes, the paper predicts the one with
     the higher dispersion to have the lower perplexity."""
-    nll, disp, n = scored_segments(model, batches, layer)
+    nll, disp, n = scored_segments(model, batches, [layer])
     keep = n > 0
     mean_nll = (nll[keep] * n[keep]).sum() / n.sum()                                    # mean over all tokens
-    return {"ppl": mean_nll.exp().item(), "disp": disp.mean().item()}
+    return {"ppl": mean_nll.exp().item(), "disp": disp[layer].mean().item()}
 
 
 def correlation(xs, ys):
@@ -181,26 +227,42 @@ def correlation(xs, ys):
     return {"pearson": pearson(x, y), "spearman": pearson(ranks(x), ranks(y))}
 
 
-# ----------------------------------------------------------------------------- application (b): dispersion gap
+# ----------------------------------------------------------------------------- application 2: dispersion gap
 
-def dispersion_gap(model, task_batches, reference_batches, layer="final"):
-    """Model selection without labels. All token states (at `layer`) of task text form one set T, those of
-    everyday reference text one set R. within = D(T), eq. (D); between = D(T, R), eq. (X);
-    gap = between - within: how far the task's representations sit from everyday text relative to their own
-    spread. Compared across candidate models on the same texts, a larger gap predicts better task performance
-    (our reading of the paper's application; the note flags the published formula as garbled)."""
-    def token_states(batches):
-        with eval_mode(model):
-            hs = [pick(model.hidden_states(tokens_of(b)), layer) for b in batches]
-        if not hs:
-            raise UserError("dispersion_gap needs at least one task batch and one reference batch")
-        return torch.cat([h.reshape(-1, h.size(-1)) for h in hs])      # (N, d)
-    task, ref = token_states(task_batches), token_states(reference_batches)
-    within, between = dispersion(task).item(), cross_dispersion(task, ref).item()
-    return {"within": within, "between": between, "gap": between - within}
+def output_matrix(model):
+    """The (V, d) output (unembedding) matrix: one row per token (tied to the input embedding in our GPT)."""
+    head = getattr(model, "lm_head", None) or getattr(getattr(model, "trunk", None), "lm_head", None)  # GPT, MTP
+    if head is None:
+        raise UserError(f"{type(model).__name__} has no output (unembedding) matrix: the dispersion gap needs one")
+    return head.weight
 
 
-# ----------------------------------------------------------------------------- application (c): kNN-LM
+def token_set(tokens, vocab_size, what):
+    ids = sorted({int(t) for t in (tokens.flatten().tolist() if torch.is_tensor(tokens) else tokens)})
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise UserError(f"{what} token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
+def dispersion_gap(model, task_tokens, reference_tokens):
+    """App. 2, model selection without labels: G = within(T) + between(T, T') (a sum, not a difference), over the
+    tokens' own vectors, the rows of the output matrix: no text, no forward pass. T = task tokens (for arithmetic:
+    digits and operators), T' = everyday tokens; within = D(W[T]), eq. (D); between = D(W[T], W[T']), eq. (X).
+    Duplicates count once; a token in both sets belongs to T (it is left out of T'). Larger G predicts the better
+    model for the task, among checkpoints of one family."""
+    W = output_matrix(model).detach()                                                   # (V, d)
+    task = token_set(task_tokens, W.size(0), "task")
+    ref = [t for t in token_set(reference_tokens, W.size(0), "reference") if t not in set(task)]
+    if len(task) < 2:
+        raise UserError(f"the dispersion gap needs at least two distinct task tokens, got {len(task)}")
+    if not ref:
+        raise UserError("the reference tokens are empty or all task tokens: the gap needs everyday tokens outside T")
+    within, between = dispersion(W[task]).item(), cross_dispersion(W[task], W[ref]).item()
+    return {"within": within, "between": between, "gap": within + between}
+
+
+# ----------------------------------------------------------------------------- application 3: kNN-LM
 
 def build_datastore(model, batches, layer):
     """kNN-LM datastore: key = representation `layer` of the context x[:t+1], value = the next token y[t].
@@ -232,40 +294,46 @@ def knn_search(queries, keys, k, chunk=512):
     return torch.cat(dists), torch.cat(idxs)
 
 
-def knn_log_prob(queries, targets, datastore, k=16, temperature=1.0):
-    """log p_kNN(target | query) (M,): p_kNN(y) = sum over the k neighbours whose value is y of
-    softmax_j(-|q - key_j|^2 / temperature) (Khandelwal et al. 2020). -inf when no neighbour predicts y."""
+def knn_neighbours(model, batches, datastore, layer, k=16):
+    """For every scored target y of the batches (targets -1 skipped), with the query the representation `layer`
+    (the one the datastore keys come from): the squared distances to its k nearest keys (M, k), whether each
+    neighbour's value is y (M, k), and the LM's log p_LM(y) (M,)."""
     keys, values = datastore
-    dist, idx = knn_search(queries.float(), keys, k)
-    weights = torch.softmax(-dist / temperature, dim=1)                                 # (M, k)
-    hit = values[idx] == targets.unsqueeze(1)                                           # (M, k)
-    return (weights * hit).sum(1).log()
-
-
-def knn_lm_perplexity(model, batches, datastore, layer, weight=0.25, k=16, temperature=1.0):
-    """Perplexity of the kNN-LM p(y) = weight * p_kNN(y) + (1 - weight) * p_LM(y) over the batches' tokens, with
-    the query the representation `layer` (the same one the datastore keys were built from). weight = 0 gives
-    the LM's own perplexity; the paper predicts the best key layer is the most dispersed one (choose_layer)."""
-    if not 0 <= weight <= 1:
-        raise UserError(f"kNN-LM interpolation weight must be in [0, 1], got {weight}")
-    if temperature <= 0 or k < 1:
-        raise UserError(f"kNN-LM needs k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
-    log_w, log_1mw = torch.tensor([weight, 1 - weight], dtype=torch.float64).log()     # log 0 = -inf is fine
-    total, count = 0.0, 0
+    dists, hits, lm = [], [], []
     with eval_mode(model):
         for x, y in batches:
             states = model.hidden_states(x)
-            logits = model.lm_head(states["final"])                                     # (B, T, V)
-            keep = y.flatten() != -1                                                    # padding is not scored
-            lm = -F.cross_entropy(logits.flatten(0, 1)[keep].float(), y.flatten()[keep], reduction="none")  # log p_LM
+            keep, target = y.flatten() != -1, y.flatten()[y.flatten() != -1]           # padding is not scored
+            logits = model.lm_head(states["final"]).flatten(0, 1)[keep].float()       # (M, V)
+            lm.append(-F.cross_entropy(logits, target, reduction="none"))             # log p_LM(y)
             q = pick(states, layer)
-            knn = knn_log_prob(q.reshape(-1, q.size(-1))[keep], y.flatten()[keep], datastore, k, temperature)
-            mix = torch.logaddexp(log_w + knn.double(), log_1mw + lm.double())         # log of the interpolation
-            total -= mix.sum().item()
-            count += mix.numel()
-    if count == 0:
-        raise UserError("knn_lm_perplexity needs at least one evaluation batch")
-    return math.exp(total / count)
+            d, i = knn_search(q.reshape(-1, q.size(-1))[keep].float(), keys, k)
+            dists.append(d)
+            hits.append(values[i] == target[:, None])
+    if not lm:
+        raise UserError("the kNN-LM needs at least one evaluation batch")
+    return torch.cat(dists), torch.cat(hits), torch.cat(lm)
+
+
+def knn_mix_perplexity(neighbours, weight=0.25, temperature=1.0):
+    """Perplexity of p(y) = weight * p_kNN(y) + (1 - weight) * p_LM(y), p_kNN(y) = sum over the neighbours whose
+    value is y of softmax_j(-|q - key_j|^2 / temperature) (Khandelwal et al. 2020), from knn_neighbours."""
+    if not 0 <= weight <= 1:
+        raise UserError(f"kNN-LM interpolation weight must be in [0, 1], got {weight}")
+    if temperature <= 0:
+        raise UserError(f"kNN-LM needs temperature > 0, got {temperature}")
+    dist, hit, lm = neighbours
+    log_w, log_1mw = torch.tensor([weight, 1 - weight], dtype=torch.float64).log()     # log 0 = -inf is fine
+    knn = (torch.softmax(-dist / temperature, dim=1) * hit).sum(1).double().log()      # log p_kNN(y), (M,)
+    return math.exp(-torch.logaddexp(log_w + knn, log_1mw + lm.double()).mean().item())
+
+
+def knn_lm_perplexity(model, batches, datastore, layer, weight=0.25, k=16, temperature=1.0):
+    """kNN-LM perplexity over the batches' tokens with keys and queries from `layer`. weight = 0 gives the LM's
+    own perplexity; the paper predicts the best key layer is the most dispersed one (choose_layer)."""
+    if k < 1:
+        raise UserError(f"kNN-LM needs k >= 1, got {k}")
+    return knn_mix_perplexity(knn_neighbours(model, batches, datastore, layer, k), weight, temperature)
 
 
 def choose_layer(profile, candidates=None):
@@ -278,35 +346,45 @@ def choose_layer(profile, candidates=None):
     return max(names, key=lambda n: profile[n])
 
 
-def knn_layer_sweep(model, store_batches, eval_batches, layers, **knn_kwargs):
-    """{layer: kNN-LM perplexity} with the datastore keyed by each layer in turn (what choose_layer avoids)."""
-    return {layer: knn_lm_perplexity(model, eval_batches, build_datastore(model, store_batches, layer), layer,
-                                     **knn_kwargs) for layer in layers}
-
-
 # ----------------------------------------------------------------------------- the training objective
+
+SCOPES = ("batch", "sequence", "cross_domain")
+
 
 @dataclass
 class DispersionConfig:
     dispersion_weight: float = 0.1     # lambda in L = L_CE + lambda * L_aux; 0 is exactly next-token prediction
-    dispersion_scope: str = "batch"    # 'batch': all B*T final states form one set (the note); 'sequence': per window
+    dispersion_scope: str = "batch"    # 'batch': all B*T final states form one set (the note); 'sequence': one set
+    #                                    per window; 'cross_domain': only pairs from different domains (A+B data)
 
 
 def check_config(args):
     lam = args.dispersion_weight
     if not math.isfinite(lam) or lam < 0:
         raise UserError(f"--dispersion_weight must be a finite number >= 0, got {lam}")
-    if args.dispersion_scope not in ("batch", "sequence"):
-        raise UserError(f"--dispersion_scope must be 'batch' or 'sequence', got {args.dispersion_scope!r}")
+    if args.dispersion_scope not in SCOPES:
+        raise UserError(f"--dispersion_scope must be one of {', '.join(SCOPES)}, got {args.dispersion_scope!r}")
 
 
 def build(gcfg, args, data):
     check_config(args)
+    if data is not None and args.dispersion_scope == "cross_domain":  # data is None when sample.py loads a model
+        if len(data.domains) < 2:
+            raise UserError(f"--dispersion_scope cross_domain needs a mixed dataset (--dataset A+B), "
+                            f"got the single domain {data.name!r}")
+        if args.batch_size < len(data.domains):
+            raise UserError(f"--dispersion_scope cross_domain needs every batch to hold all {len(data.domains)} "
+                            f"domains: --batch_size must be at least {len(data.domains)}, got {args.batch_size}")
     return GPT(gcfg)  # a plain GPT: the objective changes the loss only
 
 
-def aux_loss(h, scope="batch"):
-    """eq. (L): L_aux = -D of the final hidden states h (B, T, d), one set of B*T vectors or one per row."""
+def aux_loss(h, scope="batch", domains=None):
+    """eq. (L): L_aux = -D of the final hidden states h (B, T, d): one set of B*T vectors ('batch'), one per row
+    ('sequence'), or eq. (XD) the pairs of rows from different domains only ('cross_domain', domains (B,))."""
+    if scope == "cross_domain":
+        if domains is None:
+            raise UserError("--dispersion_scope cross_domain needs batches with domain labels (a mixed dataset A+B)")
+        return -between_domain_dispersion(h, domains)
     sets = h.reshape(1, -1, h.size(-1)) if scope == "batch" else h                    # (1, B*T, d) or (B, T, d)
     return -dispersion(sets).mean()
 
@@ -316,13 +394,9 @@ def dispersion_loss(model, x, y, args):
     logits = model.lm_head(h)                                                          # (B, T, V)
     ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)  # GPT.forward's loss
     lam = args.dispersion_weight
-    if lam == 0:  # exactly NTP: the auxiliary term is only measured, never in the graph
-        with torch.no_grad():
-            aux = aux_loss(h, args.dispersion_scope)
-        loss = ce
-    else:
-        aux = aux_loss(h, args.dispersion_scope)
-        loss = ce + lam * aux                                                          # eq. (L)
+    with torch.set_grad_enabled(lam > 0 and torch.is_grad_enabled()):  # lam = 0: exactly NTP, L_aux only measured
+        aux = aux_loss(h, args.dispersion_scope, getattr(x, "domains", None))          # labels: data.py, A+B data
+    loss = ce + lam * aux if lam > 0 else ce                                           # eq. (L)
     disp = -aux.item()
     if model.training:  # running (exponential moving) average of the training batches' dispersion
         prev = getattr(model, "running_dispersion", None)
@@ -346,33 +420,5 @@ def evaluate(model, data, args):
     return out
 
 
-def generate(model, idx, args, generator=None):
-    from train import ntp_generate  # a plain GPT samples like NTP
-    return ntp_generate(model, idx, args, generator)
-
-
 OBJECTIVES = {"dispersion": dict(config=DispersionConfig, build=build, loss=dispersion_loss, evaluate=evaluate,
-                                 generate=generate)}
-
-
-# ----------------------------------------------------------------------------- experiment drivers (tutorial)
-
-def run_training(argv, quiet=True):
-    """train.main(argv), its printout captured when quiet; returns the checkpoint path. UserError if it fails."""
-    import train
-    train.run_quietly(argv) if quiet else train.main(argv)
-    return os.path.join(argv[argv.index("--out_dir") + 1], "ckpt.pt")
-
-
-def train_with_snapshots(argv, snapshot_iters, eval_batches, layer="final", device="cpu"):
-    """Train one run in stages (train.py --resume), measuring perplexity and dispersion of the checkpoint at
-    every iteration of snapshot_iters, on the same eval batches. The lr schedule spans the whole run.
-    Returns [{'iter', 'ppl', 'disp', 'model'}] (model: the checkpoint at that iteration, eval mode)."""
-    from sample import load_model
-    final, rows = max(snapshot_iters), []
-    for n, it in enumerate(sorted(snapshot_iters)):
-        stage = argv + ["--max_iters", str(it), "--lr_decay_iters", str(final)] + (["--resume"] if n else
-                                                                                 ["--overwrite"])
-        model = load_model(run_training(stage), device)[0]
-        rows.append(dict(iter=it, model=model, **perplexity_and_dispersion(model, eval_batches, layer)))
-    return rows
+                                 generate=ntp_generate)}  # a plain GPT samples like NTP

@@ -152,11 +152,12 @@ class Block(nn.Module):
     def forward(self, x, rope=None, kv=None, collect=None):
         a = self.attn(self.ln_1(x), rope, kv)
         x = x + a
-        m = self.mlp(self.ln_2(x))
+        f = self.ln_2(x)  # the FFN's input after its norm (the usual kNN-LM key)
+        m = self.mlp(f)
         x = x + m
         if collect is not None:  # sub-layer outputs and the residual stream, for representation analysis
-            for key, value in (("attn", a), ("mlp", m), ("layers", x)):
-                collect[key].append(value)
+            for key, value in (("attn", a), ("ffn_in", f), ("mlp", m), ("layers", x)):
+                collect.setdefault(key, []).append(value)
         return x
 
 
@@ -209,7 +210,8 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx):
         """One forward pass, returning {'layers': [embedding, block 1 .. block L outputs] (L+1 tensors),
-        'attn': [L attention outputs], 'mlp': [L MLP outputs], 'final': ln_f(last layer)}, each (B, T, d)."""
+        'attn': [L attention outputs], 'ffn_in': [L ln_2 outputs], 'mlp': [L MLP outputs], 'final': ln_f(last
+        layer)}, each (B, T, d)."""
         x = self.embed(idx)
         collect = {"layers": [x], "attn": [], "mlp": []}
         collect["final"] = self.body(x, 0, None, collect)
