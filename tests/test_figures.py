@@ -97,19 +97,54 @@ def test_every_figure_module_follows_the_convention(name):
                 for a in n.names}
     assert not imported & {"torch", "gpt", "calm", "mtp", "brierlm", "dispersion", "train", "bench"}
     module = figures.load_module(name)
-    paths = [module.RESULTS] if isinstance(module.RESULTS, str) else module.RESULTS
+    groups = module.RESULTS.values() if isinstance(module.RESULTS, dict) else [module.RESULTS]  # dict: per part
+    paths = [p for g in groups for p in ([g] if isinstance(g, str) else g)]
     assert paths and all(p.startswith("results/") and p.endswith(".json") for p in paths)
     assert module.FIGURES and all(callable(f) and keyfigs.caption(f) for f in module.FIGURES.values())
 
 
-def test_brierlm_notebook_shows_its_key_figures_through_keyfigs():
+@pytest.mark.parametrize("name", ["brierlm", "dispersion"])
+def test_notebook_shows_its_key_figures_through_keyfigs(name):
     """The notebook and figures.py draw with the same functions: each key figure is called in a cell that shows
     an image in the committed notebook, and the cpu-scale results the figures are drawn from are committed."""
-    nb = nbformat.read(TUTORIALS / "brierlm.ipynb", as_version=4)
-    module = figures.load_module("brierlm")
+    nb = nbformat.read(TUTORIALS / f"{name}.ipynb", as_version=4)
+    module = figures.load_module(name)
     for fig in module.FIGURES:
         cells = [c for c in nb.cells if c.cell_type == "code" and f"figs.{fig}(results)" in c.source]
         assert len(cells) == 1, fig
         assert any("image/png" in o.get("data", {}) for o in cells[0].outputs), fig
-    results = json.loads((ROOT / "results" / "brierlm_cpu.json").read_text())
-    assert results["meta"]["scale"] == "cpu" and len(results["checkpoints"]) == 15
+    if name == "brierlm":
+        results = json.loads((ROOT / "results" / "brierlm_cpu.json").read_text())
+        assert results["meta"]["scale"] == "cpu" and len(results["checkpoints"]) == 15
+    else:  # one file per part, each written by `python -m bench dispersion <part>` at cpu scale
+        results = keyfigs.load(keyfigs.results_path(module))
+        assert sorted(results) == ["arithmetic", "layers_knn", "sweep"]
+        assert all(r["scale"] == "cpu" and r["rows"] for r in results.values())
+
+
+FIGURE_OF_TWO_PARTS = '''import matplotlib.pyplot as plt
+RESULTS = {"one": "results/d_one.json", "two": ["results/d_two_gpu.json", "results/d_two.json"]}
+def both(r):
+    """Both parts."""
+    fig, ax = plt.subplots()
+    ax.plot(r["one"]["y"] + r["two"]["y"])
+    return fig
+FIGURES = {"both": both}
+'''
+
+
+def test_a_module_may_read_one_file_per_part(tmp_path, monkeypatch, capsys):
+    """RESULTS as a dict {part: paths}: skipped, naming the missing part's files, until every part has one; then
+    the figures get {part: its JSON} and index.md names every file."""
+    root = fake_tutorials(tmp_path, monkeypatch)
+    nbformat.write(nbformat.v4.new_notebook(), root / "tutorials" / "d.ipynb")
+    (root / "tutorials" / "keyfigs" / "d.py").write_text(FIGURE_OF_TWO_PARTS)
+    (root / "results" / "d_one.json").write_text(json.dumps({"y": [1, 2]}))
+    assert figures.main(["--out", str(root / "figs"), "--only", "d"]) == 0
+    assert capsys.readouterr().out.startswith(
+        "skip d: none of its results is committed yet (results/d_two_gpu.json, results/d_two.json)")
+    (root / "results" / "d_two.json").write_text(json.dumps({"y": [3]}))
+    assert figures.main(["--out", str(root / "figs"), "--only", "d"]) == 0
+    assert "wrote figs/d-both.png/.svg  (from results/d_one.json, results/d_two.json)" in capsys.readouterr().out
+    assert "| `d-both` | `tutorials/d.ipynb` | `results/d_one.json, results/d_two.json` | Both parts. |" in \
+        (root / "figs" / "index.md").read_text()

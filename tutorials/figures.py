@@ -5,9 +5,10 @@ training, no notebook run), for slides.
     python tutorials/figures.py --out DIR --only brierlm overview
 
 For every notebook tutorials/<name>.ipynb, the module tutorials/keyfigs/<name>.py draws its key figures from the
-first of its RESULTS files that exists (the convention is in tutorials/keyfigs/__init__.py). A notebook without a
-module, or whose results are not committed yet, is skipped with one line saying so. A figure function that raises
-is reported on one line and the other figures are still written; the exit code is then 1.
+first of its RESULTS files that exists, or from one such file per part when RESULTS is a dict of parts (the
+convention is in tutorials/keyfigs/__init__.py). A notebook without a module, or whose results are not committed
+yet, is skipped with one line saying so. A figure function that raises is reported on one line and the other
+figures are still written; the exit code is then 1.
 """
 import argparse
 import glob
@@ -44,7 +45,9 @@ def load_module(name):
 
 
 def shown(path):
-    """A path as printed: relative to the repository when inside it."""
+    """A path as printed: relative to the repository when inside it (a dict of paths: comma-separated)."""
+    if isinstance(path, dict):
+        return ", ".join(shown(p) for p in path.values())
     rel = os.path.relpath(path, ROOT)
     return path if rel.startswith("..") else rel
 
@@ -58,9 +61,8 @@ def draw(name, out, index):
         module = load_module(name)
         path = keyfigs.results_path(module, ROOT)
         if path is None:
-            wanted = [module.RESULTS] if isinstance(module.RESULTS, str) else module.RESULTS
-            print(f"skip {name}: none of its results is committed yet ({', '.join(wanted)}); run the notebook at "
-                  f"cpu scale to write one")
+            print(f"skip {name}: none of its results is committed yet ({', '.join(keyfigs.wanted(module, ROOT))}); run "
+                  f"the notebook at cpu scale to write one")
             return 0
         results = keyfigs.load(path)
         figures = module.FIGURES

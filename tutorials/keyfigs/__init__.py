@@ -5,6 +5,9 @@ The convention (one file per notebook):
   tutorials/keyfigs/<notebook>.py      for tutorials/<notebook>.ipynb, e.g. keyfigs/brierlm.py
       RESULTS = ["results/<name>_gpu.json", "results/<name>_cpu.json"]
                                         paths from the repository root; figures.py draws from the first that exists
+      or RESULTS = {"<part>": [paths...], ...}
+                                        several files (e.g. one per sweep script): `results` is then the dict
+                                        {part: the first of its paths that exists, loaded}; all parts are needed
       FIGURES = {"<figure name>": function, ...}
                                         each function(results: dict) -> matplotlib Figure; its docstring's first
                                         paragraph is the caption (what the figure shows); no plt.show(), no I/O
@@ -23,17 +26,35 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def results_path(module, root=ROOT):
-    """The first of module.RESULTS (paths from the repository root) that exists, as an absolute path; or None."""
-    candidates = [module.RESULTS] if isinstance(module.RESULTS, str) else list(module.RESULTS)
-    for path in candidates:
+def first_existing(candidates, root=ROOT):
+    """The first of candidates (a path or a list of paths from the repository root) that exists, absolute; or None."""
+    for path in [candidates] if isinstance(candidates, str) else list(candidates):
         full = os.path.join(root, path)
         if os.path.exists(full):
             return full
     return None
 
 
+def results_path(module, root=ROOT):
+    """The first of module.RESULTS that exists, as an absolute path; or None. When RESULTS is a dict of parts:
+    {part: absolute path}, or None if any part has no file."""
+    if not isinstance(module.RESULTS, dict):
+        return first_existing(module.RESULTS, root)
+    paths = {part: first_existing(candidates, root) for part, candidates in module.RESULTS.items()}
+    return None if None in paths.values() else paths
+
+
+def wanted(module, root=ROOT):
+    """The paths named by module.RESULTS, as a flat list (for a dict of parts: those of the parts with no file)."""
+    groups = [g for g in module.RESULTS.values() if first_existing(g, root) is None] \
+        if isinstance(module.RESULTS, dict) else [module.RESULTS]
+    return [p for g in groups for p in ([g] if isinstance(g, str) else g)]
+
+
 def load(path):
+    """The JSON at path; for a dict {part: path}, the dict {part: its JSON}."""
+    if isinstance(path, dict):
+        return {part: load(p) for part, p in path.items()}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
