@@ -37,25 +37,30 @@ from mtp import speculative_benchmark, speculative_generate
 from sample import load_model
 
 SWEEPS = ("size", "induction", "polynomial", "bytes", "speedup")
-SCALES = {  # models are (n_layer, n_embd, n_head); 'bytes' reuses the largest 'size' model and its recipe
+SCALES = {  # models are (n_layer, n_embd, n_head); `recipe` is what a finished run must match to be kept
     "cpu": dict(
-        size=dict(data="pystdlib", sizes=[((6, 32, 2), [1, 2, 4], 2), ((6, 64, 2), [1, 2, 4], 2),
-                                          ((8, 112, 4), [1, 2, 4], 2), ((10, 144, 4), [1, 2, 4, 8], 1)],
-                  iters=800, batch=8, block=128, lr=2e-3, warmup=40, eval_batches=40, brier_positions=1024),
-        induction=dict(models=[(4, 32, 2), (4, 64, 2), (4, 128, 4)], n=[1, 2, 4], seeds=2, iters=1500, batch=32,
-                       lr=3e-3, warmup=60),
-        polynomial=dict(models=[(4, 128, 4)], n=[1, 2, 4], seeds=1, iters=1500, batch=32, lr=3e-3, warmup=100),
-        bytes=dict(data=["pystdlib", "shakespeare"], n=[2, 4, 8], prompts=16, new_tokens=128),
-        speedup=dict(data="pystdlib", model=(16, 384, 6), n=4, iters=500, batch=8, block=128, lr=1e-3, warmup=40,
-                     dtype="bfloat16", prompts=8, new_tokens=96, rounds=5)),
+        size=dict(sizes=[((6, 32, 2), [1, 2, 4], 2), ((6, 64, 2), [1, 2, 4], 2), ((8, 112, 4), [1, 2, 4], 1),
+                         ((10, 144, 4), [1, 2, 4, 8], 1)],  # (model, n values, seeds); 'bytes' reuses the last
+                  recipe=dict(data="pystdlib", iters=800, batch=8, block=128, lr=2e-3, warmup=40, evals=4,
+                              eval_batches=40, brier_positions=1024)),
+        induction=dict(models=[(4, 32, 2), (4, 64, 2), (4, 128, 4)], n=[1, 2, 4], seeds=2,
+                       recipe=dict(iters=1500, batch=32, lr=3e-3, warmup=60, evals=4)),
+        polynomial=dict(models=[(4, 128, 4)], n=[1, 2, 4], seeds=1,
+                        recipe=dict(iters=1500, batch=32, lr=3e-3, warmup=100, evals=4)),
+        bytes=dict(data=["pystdlib", "shakespeare"], n=[2, 4, 8], recipe=dict(prompts=16, new_tokens=128)),
+        speedup=dict(recipe=dict(data="pystdlib", model=(16, 384, 6), n=4, iters=500, batch=8, block=128, lr=1e-3,
+                                 warmup=40, evals=4, dtype="bfloat16", prompts=8, new_tokens=96, rounds=5))),
     "smoke": dict(
-        size=dict(data="pystdlib", sizes=[((4, 16, 2), [1, 2, 4], 2), ((8, 32, 2), [1, 2, 8], 1)], iters=3,
-                  batch=2, block=32, lr=2e-3, warmup=1, eval_batches=2, brier_positions=8),
-        induction=dict(models=[(4, 16, 2), (4, 32, 2)], n=[1, 2], seeds=2, iters=2, batch=4, lr=3e-3, warmup=1),
-        polynomial=dict(models=[(4, 16, 2)], n=[1, 2], seeds=1, iters=2, batch=4, lr=3e-3, warmup=1),
-        bytes=dict(data=["pystdlib", "shakespeare"], n=[2, 8], prompts=2, new_tokens=12),
-        speedup=dict(data="pystdlib", model=(4, 32, 2), n=4, iters=2, batch=2, block=32, lr=1e-3, warmup=1,
-                     dtype="bfloat16", prompts=2, new_tokens=12, rounds=2)),
+        size=dict(sizes=[((4, 16, 2), [1, 2, 4], 2), ((8, 32, 2), [1, 2, 8], 1)],
+                  recipe=dict(data="pystdlib", iters=3, batch=2, block=32, lr=2e-3, warmup=1, evals=1,
+                              eval_batches=2, brier_positions=8)),
+        induction=dict(models=[(4, 16, 2), (4, 32, 2)], n=[1, 2], seeds=2,
+                       recipe=dict(iters=2, batch=4, lr=3e-3, warmup=1, evals=1)),
+        polynomial=dict(models=[(4, 16, 2)], n=[1, 2], seeds=1, recipe=dict(iters=2, batch=4, lr=3e-3, warmup=1,
+                                                                              evals=1)),
+        bytes=dict(data=["pystdlib", "shakespeare"], n=[2, 8], recipe=dict(prompts=2, new_tokens=12)),
+        speedup=dict(recipe=dict(data="pystdlib", model=(4, 32, 2), n=4, iters=2, batch=2, block=32, lr=1e-3,
+                                 warmup=1, evals=1, dtype="bfloat16", prompts=2, new_tokens=12, rounds=2))),
 }
 HARDWARE = (f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs, "
             f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
@@ -74,16 +79,16 @@ def non_embedding_params(model):
 # ----------------------------------------------------------------------------- bookkeeping
 
 class Results:
-    """results/<file>.json: {'sweep', 'scale', 'hardware', 'protocol', 'runs': {name: metrics}}, rewritten
-    atomically after every run."""
+    """<out>/mtp_<sweep>.json: {'sweep', 'scale', 'hardware', 'protocol', 'recipe', 'runs': {name: metrics}},
+    rewritten atomically after every run; finished runs of an earlier call are kept when its recipe was the same."""
 
-    def __init__(self, path, sweep, scale, protocol):
+    def __init__(self, path, sweep, scale, protocol, recipe):
         self.path = path
-        self.report = dict(sweep=sweep, scale=scale, hardware=HARDWARE, protocol=protocol, runs={})
+        self.report = dict(sweep=sweep, scale=scale, hardware=HARDWARE, protocol=protocol, recipe=recipe, runs={})
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)
-            if old.get("protocol") == json.loads(json.dumps(protocol)):  # same recipe: keep the finished runs
+            if old.get("recipe") == json.loads(json.dumps(recipe)):
                 self.report["runs"] = old["runs"]
 
     def __contains__(self, name):
@@ -98,19 +103,19 @@ class Results:
         os.replace(tmp, self.path)
 
 
-def train_model(out_dir, model, n, iters, batch, block, lr, warmup, seed=1337, extra=(), log=print):
-    """Train one MTP model with train.py (resuming a cut run, reusing a finished one); returns (model, data,
-    training seconds of this call)."""
+def train_model(out_dir, model, n, r, seed=1337, extra=(), log=print):
+    """Train one MTP model (n_layer, n_embd, n_head) with train.py on recipe r (iters, batch, block, lr, warmup,
+    evals: checkpoints a cut run resumes from), resuming a cut run and reusing a finished one; returns (model,
+    data, seconds spent here)."""
     L, d, heads = model
     ckpt = os.path.join(out_dir, "ckpt.pt")
     argv = ["--objective", "mtp", "--device", "cpu", "--out_dir", out_dir, "--n_future", str(n), "--n_layer", str(L),
-            "--n_embd", str(d), "--n_head", str(heads), "--block_size", str(block), "--batch_size", str(batch),
-            "--max_iters", str(iters), "--eval_interval", str(max(1, iters // 4)), "--eval_iters", "2",
-            "--learning_rate", str(lr), "--warmup_iters", str(warmup), "--seed", str(seed),
-            "--brier_positions", "0", "--sample_tokens", "0", *extra]
+            "--n_embd", str(d), "--n_head", str(heads), "--block_size", str(r["block"]), "--batch_size",
+            str(r["batch"]), "--max_iters", str(r["iters"]), "--eval_interval", str(max(1, r["iters"] // r["evals"])),
+            "--eval_iters", "2", "--learning_rate", str(r["lr"]), "--warmup_iters", str(r["warmup"]), "--seed",
+            str(seed), "--brier_positions", "0", "--sample_tokens", "0", *extra]
     t = time.time()
-    done = os.path.exists(ckpt) and train.load_checkpoint(ckpt)["iter"] >= iters
-    if not done:
+    if not (os.path.exists(ckpt) and train.load_checkpoint(ckpt)["iter"] >= r["iters"]):
         log(f"  training {out_dir} ...")
         train.run_quietly(argv + (["--resume"] if os.path.exists(ckpt) else []))
     net, _, saved, _ = load_model(ckpt)
@@ -158,68 +163,65 @@ def task_accuracy(model, data, split, block):
 
 # ----------------------------------------------------------------------------- the sweeps
 
-def size_run(p, model, n, seed, work, data=None, log=print):
-    """One run of the size sweep's recipe (the bytes sweep reuses it): (name, model, data, seconds)."""
-    L, d, _ = model
-    data = data or p["data"]
-    name = f"{L}x{d}_n{n}_s{seed}"
-    sub = "size" if data == p["data"] else "bytes"  # the code models are shared by both sweeps
-    net, ds, secs = train_model(os.path.join(work, sub, name if sub == "size" else f"{data}_{name}"), model, n,
-                                p["iters"], p["batch"], p["block"], p["lr"], p["warmup"], 1337 + seed,
-                                ["--dataset", data, "--tokenizer", "bytes"], log)
-    return name, net, ds, secs
+def size_run(r, model, n, seed, work, data=None, log=print):
+    """One run of the size sweep's recipe r, on r['data'] or another byte-level dataset (the bytes sweep reuses the
+    code models): (name, model, data, seconds)."""
+    data = data or r["data"]
+    name = f"{model[0]}x{model[1]}_n{n}_s{seed}"
+    out_dir = os.path.join(work, "size", name) if data == r["data"] else os.path.join(work, "bytes", f"{data}_{name}")
+    return (name, *train_model(out_dir, model, n, r, 1337 + seed, ["--dataset", data, "--tokenizer", "bytes"], log))
 
 
 def sweep_size(p, res, work, log):
+    r = p["recipe"]
+    tokens = r["iters"] * r["batch"] * r["block"]
     for seed in range(max(k for _, _, k in p["sizes"])):  # seed-major: a cut sweep still has every size
         for model, ns, n_seeds in p["sizes"]:
             for n in ns:
                 if seed >= n_seeds or f"{model[0]}x{model[1]}_n{n}_s{seed}" in res:
                     continue
-                name, net, data, secs = size_run(p, model, n, seed, work, log=log)
-                m = head1_quality(net, data, p["block"], p["eval_batches"], p["brier_positions"])
+                name, net, data, secs = size_run(r, model, n, seed, work, log=log)
+                m = head1_quality(net, data, r["block"], r["eval_batches"], r["brier_positions"])
                 m.update(n_layer=model[0], n_embd=model[1], n=n, seed=seed, params_non_embedding=non_embedding_params(net),
-                         tokens=p["iters"] * p["batch"] * p["block"], seconds=secs,
-                         train_flops=train_flops_per_token(net, p["block"]) * p["iters"] * p["batch"] * p["block"])
+                         tokens=tokens, train_flops=train_flops_per_token(net, r["block"]) * tokens, seconds=secs)
                 res.add(name, m)
                 log(f"  {name}: val_loss_h1 {m['val_loss_h1']:.4f} | Brier-1 {m['brier1']:.4f} | "
                     f"BrierLM {m['brierlm']:.2f} | {secs:.0f}s")
 
 
 def sweep_task(task, p, res, work, log):
-    block = "64" if task == "induction" else "80"
+    r, block = p["recipe"], 64 if task == "induction" else 80
     for seed in range(p["seeds"]):
-        for (L, d, h) in p["models"]:
+        for model in p["models"]:
             for n in p["n"]:
-                name = f"{L}x{d}_n{n}_s{seed}"
+                name = f"{model[0]}x{model[1]}_n{n}_s{seed}"
                 if name in res:
                     continue
-                model, data, secs = train_model(os.path.join(work, name), (L, d, h), n, p["iters"], p["batch"],
-                                                int(block), p["lr"], p["warmup"], 1337 + seed,
-                                                ["--dataset", task], log)
+                net, data, secs = train_model(os.path.join(work, name), model, n, dict(r, block=block), 1337 + seed,
+                                              ["--dataset", task], log)
                 m = {}
                 for split in (s for s in data.splits if s != "train"):
                     m.update({f"{k}_{split.replace(':', '_')}": v
-                              for k, v in task_accuracy(model, data, split, int(block)).items()})
-                m.update(n_layer=L, n_embd=d, n=n, seed=seed, params_non_embedding=non_embedding_params(model),
+                              for k, v in task_accuracy(net, data, split, block).items()})
+                m.update(n_layer=model[0], n_embd=model[1], n=n, seed=seed, params_non_embedding=non_embedding_params(net),
                          seconds=secs)
                 res.add(name, m)
-                log(f"  {name}: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("acc")))
+                log(f"  {name}: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith(("acc", "tok"))))
 
 
 def sweep_bytes(p, res, work, log, size):
-    """Accepted tokens per forward of the size sweep's largest model (its recipe, on code and on text) at n."""
-    model = size["sizes"][-1][0]
+    """Accepted tokens per forward of the size sweep's largest model (its recipe, on code and on text) at each n."""
+    r, model = p["recipe"], size["sizes"][-1][0]
     for ds in p["data"]:
         for n in p["n"]:
             name = f"{ds}_n{n}"
             if name in res:
                 continue
-            _, net, data, secs = size_run(size, model, n, 0, work, ds, log)
-            greedy = speculative_benchmark(net, data, p["prompts"], 32, p["new_tokens"])
-            sampled = speculative_benchmark(net, data, p["prompts"], 32, p["new_tokens"], temperature=1.0)
+            _, net, data, secs = size_run(size["recipe"], model, n, 0, work, ds, log)
+            greedy = speculative_benchmark(net, data, r["prompts"], 32, r["new_tokens"])
+            sampled = speculative_benchmark(net, data, r["prompts"], 32, r["new_tokens"], temperature=1.0)
             gen = torch.Generator().manual_seed(0)
-            ce = [net.trunk(*data.get_batch("val", 16, size["block"], gen))[1].item() for _ in range(10)]
+            ce = [net.trunk(*data.get_batch("val", 16, size["recipe"]["block"], gen))[1].item() for _ in range(10)]
             m = dict(dataset=ds, n=n, n_layer=model[0], n_embd=model[1], tokens_per_forward=greedy["tokens_per_forward"],
                      per_prompt=greedy["per_prompt"], identical=greedy["identical"],
                      tokens_per_forward_t1=sampled["tokens_per_forward"], val_loss_h1=float(np.mean(ce)), seconds=secs)
@@ -267,20 +269,20 @@ def interleaved_speedup(model, prompts, new_tokens, rounds, reference=None):
 
 
 def sweep_speedup(p, res, work, log):
-    name = "wide"
+    r, name = p["recipe"], "wide"
     if name in res:
         return
-    fp32, data, secs = train_model(os.path.join(work, name), p["model"], p["n"], p["iters"], p["batch"], p["block"],
-                                   p["lr"], p["warmup"], 1337, ["--dataset", p["data"], "--tokenizer", "bytes"], log)
-    model = copy.deepcopy(fp32).to(getattr(torch, p["dtype"]))  # what we decode with; fp32 is the reference
-    prompts, _ = data.get_batch("val", p["prompts"], 32, torch.Generator().manual_seed(0))
-    m = interleaved_speedup(model, [x[None] for x in prompts], p["new_tokens"], p["rounds"], reference=fp32)
+    fp32, data, secs = train_model(os.path.join(work, name), r["model"], r["n"], r, 1337,
+                                   ["--dataset", r["data"], "--tokenizer", "bytes"], log)
+    model = copy.deepcopy(fp32).to(getattr(torch, r["dtype"]))  # what we decode with; fp32 is the reference
+    prompts, _ = data.get_batch("val", r["prompts"], 32, torch.Generator().manual_seed(0))
+    m = interleaved_speedup(model, [x[None] for x in prompts], r["new_tokens"], r["rounds"], reference=fp32)
     step, verify = verify_costs(model, repeats=20)
     gen = torch.Generator().manual_seed(0)
-    ce = [fp32.trunk(*data.get_batch("val", 8, p["block"], gen))[1].item() for _ in range(10)]
-    sample = model.generate(prompts[:1], p["new_tokens"], temperature=0.0)[0].tolist()
-    m.update(step_s=step, verify_s=verify, verify_over_step=verify / step, n_layer=p["model"][0],
-             n_embd=p["model"][1], n=p["n"], dtype=p["dtype"], params_non_embedding=non_embedding_params(model),
+    ce = [fp32.trunk(*data.get_batch("val", 8, r["block"], gen))[1].item() for _ in range(10)]
+    sample = model.generate(prompts[:1], r["new_tokens"], temperature=0.0)[0].tolist()
+    m.update(step_s=step, verify_s=verify, verify_over_step=verify / step, n_layer=r["model"][0],
+             n_embd=r["model"][1], n=r["n"], dtype=r["dtype"], params_non_embedding=non_embedding_params(model),
              val_loss_h1=float(np.mean(ce)), seconds=secs, sample=data.tokenizer.decode(sample))
     res.add(name, m)
     log(f"  {name}: {m['speedup']:.2f} +- {m['speedup_se']:.2f}x tokens/s over cached greedy "
@@ -297,9 +299,9 @@ def run(sweep, scale="cpu", out="results", work=None, log=print):
     work = work or os.path.join("out", "mtp_sweeps", scale)
     reports = {}
     for s in SWEEPS if sweep == "all" else (sweep,):
-        p = SCALES[scale][s]
-        protocol = dict(p, model_recipe=SCALES[scale]["size"]) if s == "bytes" else p
-        res = Results(os.path.join(out, f"mtp_{s}.json"), s, scale, protocol)
+        p, size = SCALES[scale][s], SCALES[scale]["size"]
+        recipe = dict(p["recipe"], model=size["sizes"][-1][0], **size["recipe"]) if s == "bytes" else p["recipe"]
+        res = Results(os.path.join(out, f"mtp_{s}.json"), s, scale, p, recipe)
         log(f"sweep {s} ({scale}): {len(res.report['runs'])} run(s) already in {res.path}")
         if s in ("induction", "polynomial"):
             sweep_task(s, p, res, os.path.join(work, s), log)
@@ -308,7 +310,7 @@ def run(sweep, scale="cpu", out="results", work=None, log=print):
         elif s == "size":
             sweep_size(p, res, work, log)
         else:
-            sweep_bytes(p, res, work, log, SCALES[scale]["size"])
+            sweep_bytes(p, res, work, log, size)
         reports[s] = res.report
     return reports
 
