@@ -43,12 +43,12 @@ SCALES = {  # models are (n_layer, n_embd, n_head); `recipe` is what a finished 
                          ((10, 144, 4), [1, 2, 4, 8], 1)],  # (model, n values, seeds); 'bytes' reuses the last
                   recipe=dict(data="pystdlib", iters=800, batch=8, block=128, lr=2e-3, warmup=40, evals=4,
                               eval_batches=40, brier_positions=1024)),
-        induction=dict(models=[(4, 32, 2), (4, 64, 2), (4, 128, 4)], n=[1, 2, 4], seeds=2,
-                       recipe=dict(iters=1500, batch=32, lr=3e-3, warmup=60, evals=4)),
-        polynomial=dict(models=[(4, 128, 4)], n=[1, 2, 4], seeds=1,
-                        recipe=dict(iters=1500, batch=32, lr=3e-3, warmup=100, evals=4)),
+        induction=dict(models=[(4, 32, 2), (4, 64, 4), (4, 128, 4)], n=[1, 2, 4], seeds=2,
+                       recipe=dict(iters=1000, batch=32, lr=3e-3, warmup=30, evals=4)),
+        polynomial=dict(models=[(4, 96, 3)], n=[1, 2, 4], seeds=1,
+                        recipe=dict(iters=1000, batch=32, lr=3e-3, warmup=60, evals=4)),
         bytes=dict(data=["pystdlib", "shakespeare"], n=[2, 4, 8], recipe=dict(prompts=16, new_tokens=128)),
-        speedup=dict(recipe=dict(data="pystdlib", model=(16, 384, 6), n=4, iters=500, batch=8, block=128, lr=1e-3,
+        speedup=dict(recipe=dict(data="pystdlib", model=(16, 384, 6), n=4, iters=400, batch=8, block=128, lr=1e-3,
                                  warmup=40, evals=4, dtype="bfloat16", prompts=8, new_tokens=96, rounds=5))),
     "smoke": dict(
         size=dict(sizes=[((4, 16, 2), [1, 2, 4], 2), ((8, 32, 2), [1, 2, 8], 1)],
@@ -344,7 +344,7 @@ def task_summary(report):
     for L, d, n in keys:
         group = [r for r in runs.values() if (r["n_layer"], r["n_embd"], r["n"]) == (L, d, n)]
         row = dict(n_layer=L, n_embd=d, n=n, seeds=len(group), params=group[0]["params_non_embedding"])
-        for k in sorted(k for k in group[0] if k.startswith("acc")):
+        for k in sorted(k for k in group[0] if k.startswith(("acc", "token_acc"))):
             row[k], row[k + "_se"] = mean_se([r[k] for r in group])
         rows.append(row)
     return rows
