@@ -13,8 +13,9 @@ reads these files at cpu scale and runs the smoke scale itself.
   induction   n = 1, 2, 4 at three sizes on data.py's induction task: accuracy on a recurring name's 2nd token
   polynomial  n = 1, 2, 4 on F_7[X]/(X^5): exact match in distribution (1..5 operations) and out of it (6..8)
   bytes       n = 2, 4, 8 byte-level, code and text: accepted tokens per forward (the paper: 6.4x faster at n = 8)
-  speedup     a model wide and deep enough that one verify forward costs about one greedy step: tokens/s of
-              self-speculative vs cached greedy decoding, same model, same output, interleaved rounds
+  speedup     a model wide and deep enough (16 x 384, bfloat16) that a verify forward costs little more than the
+              L / (L - n + 1) greedy steps of its blocks, trained on code and on a counting stream where drafts are
+              easy: tokens/s of self-speculative vs cached greedy decoding, same model, same output, interleaved
 """
 import copy
 import json
@@ -44,12 +45,13 @@ SCALES = {  # models are (n_layer, n_embd, n_head); `recipe` is what a finished 
                   recipe=dict(data="pystdlib", iters=800, batch=8, block=128, lr=2e-3, warmup=40, evals=4,
                               eval_batches=40, brier_positions=1024)),
         induction=dict(models=[(4, 32, 2), (4, 64, 4), (4, 128, 4)], n=[1, 2, 4], seeds=2,
-                       recipe=dict(iters=1000, batch=32, lr=3e-3, warmup=30, evals=4)),
-        polynomial=dict(models=[(4, 96, 3)], n=[1, 2, 4], seeds=1,
-                        recipe=dict(iters=1000, batch=32, lr=3e-3, warmup=60, evals=4)),
+                       recipe=dict(iters=1000, batch=16, lr=3e-3, warmup=30, evals=4)),
+        polynomial=dict(models=[(4, 64, 4)], n=[1, 2, 4], seeds=1,
+                        recipe=dict(iters=800, batch=32, lr=3e-3, warmup=40, evals=4)),
         bytes=dict(data=["pystdlib", "shakespeare"], n=[2, 4, 8], recipe=dict(prompts=16, new_tokens=128)),
-        speedup=dict(recipe=dict(data="pystdlib", model=(16, 384, 6), n=4, iters=400, batch=8, block=128, lr=1e-3,
-                                 warmup=40, evals=4, dtype="bfloat16", prompts=8, new_tokens=96, rounds=5))),
+        speedup=dict(recipe=dict(runs=dict(code=dict(data="pystdlib", iters=500), counting=dict(data="counting", iters=250)),
+                                 model=(16, 384, 6), n=4, batch=8, block=128, lr=1e-3, warmup=40, evals=2,
+                                 dtype="bfloat16", prompts=8, new_tokens=96, rounds=5))),
     "smoke": dict(
         size=dict(sizes=[((4, 16, 2), [1, 2, 4], 2), ((8, 32, 2), [1, 2, 8], 1)],
                   recipe=dict(data="pystdlib", iters=3, batch=2, block=32, lr=2e-3, warmup=1, evals=1,
@@ -59,8 +61,9 @@ SCALES = {  # models are (n_layer, n_embd, n_head); `recipe` is what a finished 
         polynomial=dict(models=[(4, 16, 2)], n=[1, 2], seeds=1, recipe=dict(iters=2, batch=4, lr=3e-3, warmup=1,
                                                                               evals=1)),
         bytes=dict(data=["pystdlib", "shakespeare"], n=[2, 8], recipe=dict(prompts=2, new_tokens=12)),
-        speedup=dict(recipe=dict(data="pystdlib", model=(4, 32, 2), n=4, iters=2, batch=2, block=32, lr=1e-3,
-                                 warmup=1, evals=1, dtype="bfloat16", prompts=2, new_tokens=12, rounds=2))),
+        speedup=dict(recipe=dict(runs=dict(code=dict(data="pystdlib", iters=2), counting=dict(data="counting", iters=2)),
+                                 model=(4, 32, 2), n=4, batch=2, block=32, lr=1e-3, warmup=1, evals=1,
+                                 dtype="bfloat16", prompts=2, new_tokens=12, rounds=2))),
 }
 HARDWARE = (f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs, "
             f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
@@ -235,59 +238,96 @@ def interleaved_speedup(model, prompts, new_tokens, rounds, reference=None):
     """Cached greedy (model.generate) vs self-speculative greedy decoding of the same model on the same prompts, in
     one process (the CPU is shared with other jobs, so only ratios within a round mean much): every round decodes
     every prompt with each decoder, rotating which goes first. `reference` (optional): another copy of the model,
-    e.g. in float32, whose cached greedy decoding is timed in the same rounds. Per round: tokens/s of each decoder
-    (wall clock, and thread CPU time, which a descheduled process does not accumulate), the speed-up and tokens per
-    forward; every speculative output must equal model.generate's."""
-    decoders = {"greedy": lambda x: (model.generate(x, new_tokens, temperature=0.0), None),
-                "speculative": lambda x: speculative_generate(model, x, new_tokens)}
+    e.g. in float32, decoded both ways in the same rounds. Returns per round the tokens/s of each decoder and the
+    speed-up (wall clock; and thread CPU time, which a descheduled process does not accumulate), per prompt the
+    tokens per forward and the speed-up, and whether the outputs of the two decoders were identical (on how many
+    prompts; for a prompt where they differ, the first position and the gap between the two tokens' logits in a
+    full forward of the common prefix: 0 is an exact tie)."""
+    greedy = lambda net: lambda x: (net.generate(x, new_tokens, temperature=0.0), None)  # noqa: E731
+    speculative = lambda net: lambda x: speculative_generate(net, x, new_tokens)  # noqa: E731
+    decoders = {"greedy": greedy(model), "speculative": speculative(model)}
     if reference is not None:
-        decoders["reference_greedy"] = lambda x: (reference.generate(x, new_tokens, temperature=0.0), None)
-    names, out, identical = list(decoders), [], True
+        decoders.update(reference_greedy=greedy(reference), reference_speculative=speculative(reference))
+    names, out = list(decoders), []
+    per_prompt = [dict(dict.fromkeys(names, 0.0), tokens=0, forwards=0) for _ in prompts]
+    outputs = [{} for _ in prompts]
     for r in range(rounds):
         wall, cpu, tokens, forwards = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0), 0, 0
         for j, prompt in enumerate(prompts):
-            k, got = (r + j) % len(names), {}
+            k = (r + j) % len(names)
             for name in names[k:] + names[:k]:
                 t, c = time.perf_counter(), time.thread_time()
-                got[name], stats = decoders[name](prompt)
-                wall[name], cpu[name] = wall[name] + time.perf_counter() - t, cpu[name] + time.thread_time() - c
-                if stats is not None:
+                outputs[j][name], stats = decoders[name](prompt)
+                dt, dc = time.perf_counter() - t, time.thread_time() - c
+                wall[name], cpu[name], per_prompt[j][name] = wall[name] + dt, cpu[name] + dc, per_prompt[j][name] + dt
+                if name == "speculative":
                     tokens, forwards = tokens + stats["tokens"], forwards + stats["forwards"]
-            identical = identical and torch.equal(got["greedy"], got["speculative"])
-        total = len(prompts) * new_tokens
-        row = {f"{k}_tok_s": total / v for k, v in wall.items()}
+                    per_prompt[j]["tokens"] += stats["tokens"]
+                    per_prompt[j]["forwards"] += stats["forwards"]
+        row = {f"{k}_tok_s": len(prompts) * new_tokens / v for k, v in wall.items()}
         row.update(speedup=wall["greedy"] / wall["speculative"], speedup_cpu=cpu["greedy"] / cpu["speculative"],
                    tokens_per_forward=tokens / forwards)
         if reference is not None:
             row["speedup_vs_reference"] = wall["reference_greedy"] / wall["speculative"]
+            row["reference_speedup"] = wall["reference_greedy"] / wall["reference_speculative"]
         out.append(row)
-    summary = dict(rounds=out, identical=identical, tokens_per_forward=out[-1]["tokens_per_forward"])
-    for k in ("speedup", "speedup_cpu", "speedup_vs_reference"):
+    summary = dict(rounds=out, tokens_per_forward=out[-1]["tokens_per_forward"],
+                   per_prompt=[dict(tokens_per_forward=q["tokens"] / q["forwards"],
+                                    speedup=q["greedy"] / q["speculative"]) for q in per_prompt],
+                   identical_prompts=sum(torch.equal(o["greedy"], o["speculative"]) for o in outputs), mismatches=[])
+    summary["identical"] = summary["identical_prompts"] == len(prompts)
+    if reference is not None:
+        summary["reference_identical"] = all(torch.equal(o["reference_greedy"], o["reference_speculative"])
+                                             for o in outputs)
+    for j, o in enumerate(outputs):
+        a, b = o["greedy"][0], o["speculative"][0]
+        if not torch.equal(a, b):
+            k = int((a != b).nonzero()[0])
+            logits = model.trunk(a[None, max(0, k - model.config.block_size):k])[0][0, -1].float()
+            summary["mismatches"].append(dict(prompt=j, position=k, logit_gap=abs(logits[a[k]] - logits[b[k]]).item()))
+    for k in ("speedup", "speedup_cpu", "speedup_vs_reference", "reference_speedup"):
         if k in out[0]:
             summary[k], summary[k + "_se"] = mean_se([row[k] for row in out])
     return summary
 
 
+def counting_file(work, n=100000):
+    """A regular byte stream on which drafting is easy: the numbers 0 .. n-1, zero-padded to 5 digits, one per line
+    (the next line is the previous one plus 1). Written once; train.py reads it as --dataset file:PATH."""
+    path = os.path.join(work, "counting.txt")
+    if not os.path.exists(path):
+        os.makedirs(work, exist_ok=True)
+        with open(path, "w") as f:
+            f.write("".join(f"{i:05d}\n" for i in range(n)))
+    return path
+
+
 def sweep_speedup(p, res, work, log):
-    r, name = p["recipe"], "wide"
-    if name in res:
-        return
-    fp32, data, secs = train_model(os.path.join(work, name), r["model"], r["n"], r, 1337,
-                                   ["--dataset", r["data"], "--tokenizer", "bytes"], log)
-    model = copy.deepcopy(fp32).to(getattr(torch, r["dtype"]))  # what we decode with; fp32 is the reference
-    prompts, _ = data.get_batch("val", r["prompts"], 32, torch.Generator().manual_seed(0))
-    m = interleaved_speedup(model, [x[None] for x in prompts], r["new_tokens"], r["rounds"], reference=fp32)
-    step, verify = verify_costs(model, repeats=20)
-    gen = torch.Generator().manual_seed(0)
-    ce = [fp32.trunk(*data.get_batch("val", 8, r["block"], gen))[1].item() for _ in range(10)]
-    sample = model.generate(prompts[:1], r["new_tokens"], temperature=0.0)[0].tolist()
-    m.update(step_s=step, verify_s=verify, verify_over_step=verify / step, n_layer=r["model"][0],
-             n_embd=r["model"][1], n=r["n"], dtype=r["dtype"], params_non_embedding=non_embedding_params(model),
-             val_loss_h1=float(np.mean(ce)), seconds=secs, sample=data.tokenizer.decode(sample))
-    res.add(name, m)
-    log(f"  {name}: {m['speedup']:.2f} +- {m['speedup_se']:.2f}x tokens/s over cached greedy "
-        f"({m['speedup_vs_reference']:.2f}x over float32 greedy) | {m['tokens_per_forward']:.2f} tokens/forward | "
-        f"verify/step {m['verify_over_step']:.2f} | identical {m['identical']}")
+    """The wide model of the recipe, trained on each of r['runs'] (code bytes, and the counting stream where
+    acceptance is high), decoded in r['dtype'] by cached greedy and self-speculative decoding (interleaved_speedup;
+    the float32 model's greedy decoding is timed alongside), plus the verify / step cost of the model."""
+    r = p["recipe"]
+    for name, run in r["runs"].items():
+        if name in res:
+            continue
+        ds = run["data"] if run["data"] != "counting" else "file:" + os.path.abspath(counting_file(work))
+        fp32, data, secs = train_model(os.path.join(work, name), r["model"], r["n"], dict(r, iters=run["iters"]), 1337,
+                                       ["--dataset", ds, "--tokenizer", "bytes"], log)
+        model = copy.deepcopy(fp32).to(getattr(torch, r["dtype"]))  # what we decode with; fp32 is the reference
+        prompts, _ = data.get_batch("val", r["prompts"], 32, torch.Generator().manual_seed(0))
+        m = interleaved_speedup(model, [x[None] for x in prompts], r["new_tokens"], r["rounds"], reference=fp32)
+        step, verify = verify_costs(model, repeats=20)
+        gen = torch.Generator().manual_seed(0)
+        ce = [fp32.trunk(*data.get_batch("val", 8, r["block"], gen))[1].item() for _ in range(10)]
+        sample = model.generate(prompts[:1], r["new_tokens"], temperature=0.0)[0, 32:].tolist()
+        m.update(data=run["data"], iters=run["iters"], step_s=step, verify_s=verify, verify_over_step=verify / step,
+                 n_layer=r["model"][0], n_embd=r["model"][1], n=r["n"], dtype=r["dtype"], seconds=secs,
+                 params_non_embedding=non_embedding_params(model), val_loss_h1=float(np.mean(ce)),
+                 prompt=data.tokenizer.decode(prompts[0].tolist()), sample=data.tokenizer.decode(sample))
+        res.add(name, m)
+        log(f"  {name}: {m['speedup']:.2f} +- {m['speedup_se']:.2f}x tokens/s over cached greedy "
+            f"({m['speedup_vs_reference']:.2f}x over float32 greedy) | {m['tokens_per_forward']:.2f} tokens/forward | "
+            f"verify/step {m['verify_over_step']:.2f} | identical {m['identical']}")
 
 
 def run(sweep, scale="cpu", out="results", work=None, log=print):
