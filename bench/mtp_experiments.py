@@ -45,7 +45,7 @@ SCALES = {  # models are (n_layer, n_embd, n_head); `recipe` is what a finished 
                   recipe=dict(data="pystdlib", iters=800, batch=8, block=128, lr=2e-3, warmup=40, evals=4,
                               eval_batches=40, brier_positions=1024)),
         induction=dict(models=[(4, 32, 2), (4, 64, 4), (4, 128, 4)], n=[1, 2, 4], seeds=2,
-                       recipe=dict(iters=1000, batch=16, lr=3e-3, warmup=30, evals=4)),
+                       recipe=dict(iters=1500, batch=32, lr=3e-3, warmup=30, evals=4)),
         polynomial=dict(models=[(4, 64, 4)], n=[1, 2, 4], seeds=1,
                         recipe=dict(iters=800, batch=32, lr=3e-3, warmup=40, evals=4)),
         bytes=dict(data=["pystdlib", "shakespeare"], n=[2, 4, 8], recipe=dict(prompts=16, new_tokens=128)),
@@ -117,10 +117,17 @@ def train_model(out_dir, model, n, r, seed=1337, extra=(), log=print):
             str(r["batch"]), "--max_iters", str(r["iters"]), "--eval_interval", str(max(1, r["iters"] // r["evals"])),
             "--eval_iters", "2", "--learning_rate", str(r["lr"]), "--warmup_iters", str(r["warmup"]), "--seed",
             str(seed), "--brier_positions", "0", "--sample_tokens", "0", *extra]
-    t = time.time()
-    if not (os.path.exists(ckpt) and train.load_checkpoint(ckpt)["iter"] >= r["iters"]):
+    t, resume = time.time(), []
+    if os.path.exists(ckpt):  # a finished or cut run of the same recipe is reused; another recipe's is replaced
+        saved = train.load_checkpoint(ckpt)
+        want = dict(n_future=n, n_layer=L, n_embd=d, n_head=heads, block_size=r["block"], batch_size=r["batch"],
+                    learning_rate=r["lr"], warmup_iters=r["warmup"], seed=seed)
+        resume = ["--resume"] if all(saved["args"].get(k) == v for k, v in want.items()) else ["--overwrite"]
+        if resume == ["--resume"] and saved["iter"] >= r["iters"]:
+            resume = None
+    if resume is not None:
         log(f"  training {out_dir} ...")
-        train.run_quietly(argv + (["--resume"] if os.path.exists(ckpt) else []))
+        train.run_quietly(argv + resume)
     net, _, saved, _ = load_model(ckpt)
     return net, load_data(saved.dataset, saved.tokenizer), time.time() - t
 

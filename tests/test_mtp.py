@@ -390,3 +390,10 @@ def test_sweeps_at_smoke_scale_write_results_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "run_quietly", lambda argv: pytest.fail("retrained " + " ".join(argv)))
     again = mx.run("size", "smoke", str(out), str(work), log=lambda *a: None)["size"]["runs"]
     assert again.keys() == size.keys() and again["4x16_n2_s1"]["val_loss_h1"] == size["4x16_n2_s1"]["val_loss_h1"]
+    # a checkpoint of another recipe (here another learning rate) is trained afresh, not resumed
+    monkeypatch.setattr(train, "run_quietly", lambda argv: calls.append(argv))
+    calls = []
+    recipe = mx.SCALES["smoke"]["size"]["recipe"]
+    mx.train_model(str(work / "size" / "4x16_n2_s1"), (4, 16, 2), 2, dict(recipe, lr=1e-4), 1338, log=print)
+    mx.train_model(str(work / "size" / "4x16_n2_s1"), (4, 16, 2), 2, dict(recipe, iters=5), 1338, log=print)
+    assert [argv[-1] for argv in calls] == ["--overwrite", "--resume"]  # same recipe, longer: resumed
