@@ -201,9 +201,9 @@ def sweep_size(p, res, work, log):
 
 def sweep_task(task, p, res, work, log):
     r, block = p["recipe"], 64 if task == "induction" else 80
-    for seed in range(p["seeds"]):
+    for n in p["n"]:  # n = 1 and 2 at every size and seed first: n = 4 is the extra
         for model in p["models"]:
-            for n in p["n"]:
+            for seed in range(p["seeds"]):
                 name = f"{model[0]}x{model[1]}_n{n}_s{seed}"
                 if name in res:
                     continue
