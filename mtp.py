@@ -184,7 +184,11 @@ def speculative_generate(model, idx, max_new_tokens, temperature=0.0, top_k=None
     (one token per forward there: drafts cannot be verified in one pass against a sliding window)."""
     if idx.size(0) != 1:
         raise UserError("speculative decoding takes one prompt at a time (batch size 1)")
+    if model.n_future < 2:
+        raise UserError("speculative decoding needs extra heads to draft: this model has n_future = 1")
     n, bs = model.n_future, model.config.block_size
+    if max_new_tokens <= 0:  # nothing to generate: the prompt, like GPT.generate
+        return idx, dict(tokens=0, forwards=0, tokens_per_forward=0.0)
     target_len = idx.size(1) + max_new_tokens
     cache, drafts, q, forwards = None, [], None, 0
     draw = lambda probs: int(torch.multinomial(probs, 1, generator=generator))  # noqa: E731
@@ -292,5 +296,5 @@ def speculative_benchmark(model, data, n_prompts=8, prompt_len=32, new_tokens=12
         tokens, forwards = tokens + s["tokens"], forwards + s["forwards"]
         spec_s, greedy_s = spec_s + s["seconds"], greedy_s + s["baseline_seconds"]
         identical = identical and s["identical"]
-    return dict(tokens_per_forward=tokens / forwards, speculative_s=spec_s, greedy_s=greedy_s,
+    return dict(tokens_per_forward=tokens / max(forwards, 1), speculative_s=spec_s, greedy_s=greedy_s,
                 speedup=greedy_s / spec_s, identical=identical, per_prompt=per_prompt)

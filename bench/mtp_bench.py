@@ -2,7 +2,10 @@
 
     python -m bench mtp memory [--n 1 2 4 8] [--device cpu|cuda]     peak training memory, memory-efficient vs naive
     python -m bench mtp speculative --ckpt out/mtp/ckpt.pt ...       tokens per forward and speed-up vs greedy
-    python -m bench mtp costs [--n 2 4] [--widths 192]               when speculative decoding can pay off
+    python -m bench mtp costs [--n 2 4] [--widths 256 512] [--layers 12] [--dtype float32|bfloat16|both]
+                                                                     verify-forward cost / greedy-step cost
+    python -m bench mtp sweep size|induction|polynomial|bytes|speedup|all [--scale cpu|smoke]
+                                                                     the scale findings (bench/mtp_experiments.py)
 
 Memory. On CUDA: torch.cuda.max_memory_allocated() during one training step, minus what was allocated before it
 (weights, gradients, optimizer-free). On CPU there is no allocator statistic, so each configuration runs in a fresh
@@ -20,8 +23,9 @@ import time
 from types import SimpleNamespace
 
 import torch
+import torch.nn as nn
 
-from gpt import GPT, GPTConfig
+from gpt import GPT, GPTConfig, KVCache, UserError
 from mtp import MTP, mtp_forward_backward, speculative_benchmark
 from train import OneLineParser
 
@@ -81,43 +85,73 @@ def measure_memory(n_values=(1, 2, 4, 8), device="cpu", **model):
 
 
 @torch.no_grad()
-def forward_costs(n_future, n_embd, n_layer=8, vocab_size=256, context=64, repeats=50, device="cpu"):
-    """Seconds of (a) one cached greedy step (1 position, trunk + head 1) and (b) one speculative forward
-    (n positions, all n heads, every head's logits), for a randomly initialised model: speculative decoding pays
-    off when tokens per forward > (b) / (a). On a CPU a tiny model is bound by per-operation overhead and its
-    cost grows with the positions; a wide one is bound by reading the weights, which n positions share."""
-    from gpt import KVCache
+def verify_costs(model, context=64, repeats=20):
+    """Median seconds of (a) one cached greedy step (1 position, trunk + head 1, head 1's logits) and (b) one
+    verify forward of self-speculative decoding (n positions through the trunk and all n heads, every head's
+    logits), timed alternately on `model` after a cached context of random tokens; on CPU the process's CPU time
+    (what other jobs on a shared machine do not inflate), on CUDA wall-clock time. Speculative decoding pays off
+    when tokens per forward > (b) / (a)."""
+    n, cfg = model.n_future, model.config
+    device = next(model.parameters()).device
+    context = min(context, cfg.block_size - n)
+    idx = torch.randint(cfg.vocab_size, (1, context + n), generator=torch.Generator().manual_seed(0)).to(device)
+    cache = KVCache(model.n_layer)
+    z = model.trunk_hidden(idx[:, :context], 0, cache)
+    for i in range(n):
+        model.head_hidden(i, z, 0, cache)
+
+    clock = time.perf_counter if device.type == "cuda" else time.process_time  # CPU: shared, count our own time
+
+    def timed(m):  # m positions through trunk and the first m heads (1: a greedy step; n: a verify forward)
+        sync(device)
+        t = clock()
+        z = model.trunk_hidden(idx[:, context:context + m], context, cache)
+        model.trunk.lm_head(torch.stack([model.head_hidden(i, z, context, cache)[0] for i in range(m)]))
+        sync(device)
+        cache.crop(context)
+        return clock() - t
+
+    timed(1), timed(n)  # warm-up
+    steps, verifies = zip(*[(timed(1), timed(n)) for _ in range(repeats)])
+    return statistics.median(steps), statistics.median(verifies)
+
+
+def forward_costs(n_future, n_embd, n_layer=12, vocab_size=256, dtype="float32", repeats=20, device="cpu"):
+    """verify_costs of a randomly initialised model of this shape in float32 or bfloat16: (greedy step seconds,
+    verify forward seconds)."""
     cfg = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=max(1, n_embd // 64), n_embd=n_embd,
-                    block_size=context + 2 * n_future)
-    model = MTP(cfg, n_future).to(device).eval()
-    idx = torch.randint(vocab_size, (1, context + n_future), device=device)
+                    block_size=64 + n_future)
+    model = MTP(cfg, n_future).to(device=device, dtype=getattr(torch, dtype)).eval()
+    return verify_costs(model, repeats=repeats)
 
-    def timed(m, heads):
-        cache = KVCache(n_layer)
-        z = model.trunk_hidden(idx[:, :context], 0, cache)
-        for i in range(n_future):
-            model.head_hidden(i, z, 0, cache)
-        best = float("inf")
-        for _ in range(repeats):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            z = model.trunk_hidden(idx[:, context:context + m], context, cache)
-            model.trunk.lm_head(torch.stack([model.head_hidden(i, z, context, cache)[0] for i in range(heads)]))
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
-            cache.crop(context)
-        return best
 
-    return timed(1, 1), timed(n_future, n_future)
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def cost_table(widths, ns=(2, 4), n_layer=12, dtypes=("float32", "bfloat16"), repeats=20, device="cpu"):
+    """forward_costs over widths x n x dtypes: [{'n_embd', 'n', 'dtype', 'step_s', 'verify_s', 'ratio', 'blocks'}],
+    blocks = L / (L - n + 1), the ratio if extra positions cost nothing (the verify forward runs all L blocks, a
+    greedy step the L - n + 1 of the trunk and head 1)."""
+    rows = []
+    for width in widths:
+        for n in ns:
+            for dtype in dtypes:
+                g, v = forward_costs(n, width, n_layer, dtype=dtype, repeats=repeats, device=device)
+                rows.append(dict(n_embd=width, n=n, dtype=dtype, step_s=g, verify_s=v, ratio=v / g,
+                                 blocks=n_layer / (n_layer - n + 1)))
+    return rows
 
 
 def main(argv=None):
     p = OneLineParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["memory", "speculative", "costs", "memory-child"])
-    p.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512, 1024], help="costs: n_embd values")
+    p.add_argument("what", choices=["memory", "speculative", "costs", "sweep", "memory-child"])
+    p.add_argument("sweep", nargs="?", default=None, help="sweep: size|induction|polynomial|bytes|speedup|all")
+    p.add_argument("--n", type=int, nargs="+", default=None, help="heads (memory: 1 2 4 8; costs: 2 4)")
+    p.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512, 768], help="costs: n_embd values")
+    p.add_argument("--layers", type=int, default=12, help="costs: total blocks L")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "both"], default="both", help="costs: weights' dtype")
     p.add_argument("--naive", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="{}", help="JSON overrides of the memory model, e.g. '{\"n_embd\": 128}'")
@@ -125,33 +159,53 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the paper); > 0: speculative sampling")
+    p.add_argument("--scale", default="cpu", help="sweep: cpu or smoke")
+    p.add_argument("--out", default="results", help="sweep: folder of mtp_<sweep>.json")
     a = p.parse_args(argv)
     if a.what == "memory-child":
         print(one_step_memory(a.n[0], bool(a.naive), a.device, **json.loads(a.model)))
         return
+    if a.what == "sweep":
+        from bench import mtp_experiments
+        mtp_experiments.run(a.sweep or "all", a.scale, a.out)
+        return
     if a.what == "memory":
         model = {**MEMORY_MODEL, **json.loads(a.model)}
-        r = measure_memory(a.n, a.device, **json.loads(a.model))
+        ns = a.n or [1, 2, 4, 8]
+        bad = [n for n in ns if not 1 <= n <= model["n_layer"]]
+        if bad:
+            raise UserError(f"--n {bad[0]}: every n must be in 1..{model['n_layer']} (the memory model's n_layer)")
+        r = measure_memory(ns, a.device, **json.loads(a.model))
         print(f"peak extra memory of one training step on {a.device}, {model}, batch {MEMORY_BATCH}")
         print(f"NTP: {r['ntp'] / 2**20:.0f} MiB")
         print("n | memory-efficient MiB (x NTP) | naive MiB (x NTP)")
-        for n in a.n:
+        for n in ns:
             e, v = r["efficient"][n], r["naive"][n]
             print(f"{n} | {e / 2**20:.0f} ({e / r['ntp']:.2f}x) | {v / 2**20:.0f} ({v / r['ntp']:.2f}x)")
         return
     if a.what == "costs":
-        print(f"per-forward cost on {a.device} (random weights, 8 blocks, byte vocabulary, 64 cached positions)")
-        for width in a.widths:
-            for n in a.n:
-                if n > 1:
-                    g, s = forward_costs(n, width, device=a.device)
-                    print(f"n_embd {width:4d} n={n}: greedy step {g * 1e3:.2f} ms | speculative forward "
-                          f"{s * 1e3:.2f} ms | break-even at {s / g:.2f} tokens/forward")
+        ns = a.n or [2, 4]
+        bad = [n for n in ns if not 2 <= n <= a.layers]
+        if bad:
+            raise UserError(f"--n {bad[0]}: speculative decoding needs 2 <= n <= --layers {a.layers}")
+        dtypes = ("float32", "bfloat16") if a.dtype == "both" else (a.dtype,)
+        print(f"verify forward (n positions through all L blocks, every head's logits) / cached greedy step (1 "
+              f"position, trunk + head 1) on {a.device}: random weights, L = {a.layers} blocks, byte vocabulary, 64 "
+              f"cached positions, median of 20 alternating runs of {'CPU' if a.device == 'cpu' else 'wall'} time, "
+              f"{torch.get_num_threads()} thread(s); speculative decoding pays when tokens/forward > ratio")
+        print("n_embd | n | dtype    | greedy step ms | verify ms | ratio | L/(L-n+1)")
+        for r in cost_table(a.widths, ns, a.layers, dtypes, device=a.device):
+            print(f"{r['n_embd']:6d} | {r['n']} | {r['dtype']:8s} | {r['step_s'] * 1e3:14.2f} | "
+                  f"{r['verify_s'] * 1e3:9.2f} | {r['ratio']:5.2f} | {r['blocks']:.2f}")
         return
+    if not a.ckpt:
+        raise UserError("speculative needs --ckpt PATH [PATH ...] (multi-token checkpoints)")
     import sample
     from data import load_data
     for path in a.ckpt:
         model, _, saved, _ = sample.load_model(path, a.device)
+        if not hasattr(model, "n_future"):
+            raise UserError(f"{path} is a {saved.objective} checkpoint: speculative needs an mtp one")
         data = load_data(saved.dataset, saved.tokenizer)
         r = speculative_benchmark(model, data, a.prompts, 32, a.new_tokens, temperature=a.temperature)
         print(f"{path}: {saved.dataset}/{saved.tokenizer} n={model.n_future} T={a.temperature} | "

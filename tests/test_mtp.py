@@ -1,5 +1,8 @@
 """mtp.py and data.py's synthetic tasks: equivalence with NTP at n = 1, memory-efficient == naive gradients, the
-per-head target shift, speculative == greedy decoding, task generators checked by an independent evaluator."""
+per-head target shift, speculative == greedy decoding (also byte-level n = 8, float32 and bfloat16), task
+generators checked by an independent evaluator, and bench/mtp_experiments.py's sweeps at smoke scale."""
+import copy
+import json
 import re
 from types import SimpleNamespace
 
@@ -7,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+import bench.__main__
 import data
 import sample
 import train
-from gpt import GPT, GPTConfig
+from bench import mtp_experiments as mx
+from gpt import GPT, GPTConfig, UserError
 from mtp import MTP, head_loss, mtp_forward_backward, speculative_benchmark, speculative_generate
 from util import one_line_error
 
@@ -106,6 +111,43 @@ def test_speculative_greedy_is_identical_to_greedy(n):
             assert stats["tokens"] == new and 1 <= stats["tokens_per_forward"] <= n
             accepted += stats["tokens"] - stats["forwards"]
     assert accepted > 0  # the verification / rollback path really ran
+
+
+def copy_heads(model):
+    """Extra heads = head 1's block: each drafts head 1's next token again, so runs of one token are accepted."""
+    for h in model.heads:
+        h.load_state_dict(model.trunk.blocks[-1].state_dict())
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_byte_level_n8_speculative_greedy_is_identical_to_greedy(dtype):
+    """The paper's byte-level setting, n = 8: up to 8 tokens per forward, through and past the 64-byte window.
+    (In bfloat16 two logits can round to a tie that the cached and the verify forward break differently: see the
+    speed-up sweep's `mismatches` in bench/mtp_experiments.py.)"""
+    torch.manual_seed(8)
+    cfg = GPTConfig(block_size=64, vocab_size=256, n_layer=10, n_head=2, n_embd=32)
+    longest = 0
+    for model in (MTP(cfg, 8).to(dtype).eval(), copy_heads(MTP(cfg, 8)).to(dtype).eval()):
+        for prompt_len, new in [(1, 70), (10, 40), (50, 30), (60, 4)]:
+            idx = torch.randint(256, (1, prompt_len))
+            out, stats = speculative_generate(model, idx, new)
+            assert torch.equal(out, model.generate(idx, new, temperature=0.0)), (dtype, prompt_len, new)
+            assert stats["tokens"] == new and 1 <= stats["tokens_per_forward"] <= 8
+            longest = max(longest, stats["tokens_per_forward"])
+    assert longest > 4  # long runs of drafts were accepted, so the n = 8 verification really ran
+
+
+def test_speculative_edge_cases():
+    torch.manual_seed(0)
+    model = MTP(CFG, 2).eval()
+    idx = torch.randint(37, (1, 5))
+    out, stats = speculative_generate(model, idx, 0)  # like GPT.generate: the prompt, no forward
+    assert torch.equal(out, idx) and torch.equal(out, model.generate(idx, 0)) and stats["tokens"] == 0
+    with pytest.raises(UserError, match="n_future = 1"):
+        speculative_generate(MTP(CFG, 1), idx, 5)
+    with pytest.raises(UserError, match="batch size 1"):
+        speculative_generate(model, idx.expand(2, 5), 5)
 
 
 def test_speculative_benchmark_reports_every_prompt_and_matches_greedy():
@@ -262,3 +304,96 @@ def test_train_sample_speculative_and_bad_inputs(tmp_path, capsys):
     capsys.readouterr()
     assert "--n_future 1" in one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "n1" / "ckpt.pt"),
                                                                   "--speculative", "--temperature", "0"])
+
+    n1 = str(tmp_path / "n1" / "ckpt.pt")
+    assert "n_future = 1" in one_line_error(capsys, bench.__main__.main, ["mtp", "speculative", "--ckpt", n1])
+    assert "2 <= n <= --layers 4" in one_line_error(capsys, bench.__main__.main, ["mtp", "costs", "--n", "5",
+                                                                                   "--layers", "4"])
+    assert "1..8" in one_line_error(capsys, bench.__main__.main, ["mtp", "memory", "--n", "9"])
+    assert "unknown sweep" in one_line_error(capsys, bench.__main__.main, ["mtp", "sweep", "sizes", "--scale",
+                                                                           "smoke", "--out", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- bench/mtp_experiments.py
+
+def test_interleaved_speedup_times_the_same_outputs(monkeypatch):
+    torch.manual_seed(1)
+    model = copy_heads(MTP(CFG, 3)).eval()
+    prompts = [torch.randint(37, (1, 4)) for _ in range(3)]
+    r = mx.interleaved_speedup(model, prompts, 10, rounds=2, reference=copy.deepcopy(model).double())
+    assert r["identical"] and r["reference_identical"] and r["identical_prompts"] == 3 and not r["mismatches"]
+    assert len(r["rounds"]) == 2 and 1 <= r["tokens_per_forward"] <= 3
+    for row in r["rounds"]:
+        assert row["speedup"] == pytest.approx(row["speculative_tok_s"] / row["greedy_tok_s"])
+        assert row["speedup_vs_reference"] == pytest.approx(row["speculative_tok_s"] / row["reference_greedy_tok_s"])
+    assert r["speedup"] == pytest.approx(np.mean([row["speedup"] for row in r["rounds"]]))
+
+    def last_token_changed(net, x, n):  # a decoder that differs from greedy at the last position
+        out, stats = speculative_generate(net, x, n)
+        out[0, -1] = (out[0, -1] + 1) % 37
+        return out, stats
+    monkeypatch.setattr(mx, "speculative_generate", last_token_changed)
+    r = mx.interleaved_speedup(model, prompts, 10, rounds=1)
+    assert not r["identical"] and r["identical_prompts"] == 0 and [m["position"] for m in r["mismatches"]] == [13] * 3
+    for m, p in zip(r["mismatches"], prompts):
+        logits = model.trunk(model.generate(p, 9, temperature=0.0))[0][0, -1]
+        assert m["logit_gap"] == pytest.approx((logits.max() - logits[(logits.argmax() + 1) % 37]).item(), abs=1e-5)
+
+
+def test_task_accuracy_agrees_with_the_dataset_metric():
+    torch.manual_seed(0)
+    for task, block in (("polynomial", 80), ("induction", 64)):
+        ds = data.load_data(task)
+        model = MTP(GPTConfig(block_size=block, vocab_size=ds.vocab_size, n_layer=2, n_head=2, n_embd=16), 2).eval()
+        with torch.no_grad():  # an untrained model that predicts the answer digits often enough to score
+            model.trunk.wte.weight.mul_(30)
+        acc = mx.task_accuracy(model, ds, "val", block)
+        assert acc["acc"] == pytest.approx(ds.accuracy(lambda x: model.trunk(x)[0], "val", block_size=block))
+        if task == "polynomial":  # exact match per number of operations, weighted back, is the overall figure
+            tok = ds.tokenizer
+            ops = [sum(tok.decode(e).split("=")[0].count(c) for c in "+*o-") for e in ds.episodes["val"]]
+            assert sum(acc[f"acc_ops{m}"] * ops.count(m) for m in set(ops)) / len(ops) == pytest.approx(acc["acc"])
+        else:
+            assert acc["acc"] == acc["token_acc"]
+
+
+def test_size_summary_pairs_seeds_against_n1():
+    def run(n, seed, loss):
+        return dict(n_layer=2, n_embd=8, n=n, seed=seed, params_non_embedding=100, val_loss_h1=loss, brier1=-loss,
+                    brierlm=10 * loss)
+    runs = {"2x8_n1_s0": run(1, 0, 1.0), "2x8_n1_s1": run(1, 1, 2.0), "2x8_n4_s0": run(4, 0, 1.5),
+            "2x8_n4_s1": run(4, 1, 2.1), "2x8_n4_s2": run(4, 2, 9.0)}  # seed 2 has no n = 1 partner: left out
+    rows = {r["n"]: r for r in mx.size_summary({"runs": runs})}
+    assert rows[1]["d_val_loss_h1"] == 0 and rows[4]["seeds"] == 2
+    assert rows[4]["d_val_loss_h1"] == pytest.approx(0.3)
+    assert rows[4]["d_val_loss_h1_se"] == pytest.approx(np.std([0.5, 0.1], ddof=1) / np.sqrt(2))
+    assert rows[4]["d_brierlm"] == pytest.approx(3.0) and rows[4]["val_loss_h1"] == pytest.approx(1.8)
+
+
+def test_sweeps_at_smoke_scale_write_results_and_resume(tmp_path, monkeypatch):
+    out, work = tmp_path / "results", tmp_path / "work"
+    reports = mx.run("all", "smoke", str(out), str(work), log=lambda *a: None)
+    assert set(reports) == set(mx.SWEEPS) and all((out / f"mtp_{s}.json").exists() for s in mx.SWEEPS)
+    size = reports["size"]["runs"]
+    assert len(size) == 9 and all(r["brier1"] <= 1 and r["val_loss_h1"] > 0 for r in size.values())
+    assert {(r["n"], r["seeds"]) for r in mx.size_summary(reports["size"]) if r["n_embd"] == 16} == {(1, 2), (2, 2),
+                                                                                                      (4, 2)}
+    assert {r["n"] for r in mx.task_summary(reports["induction"])} == {1, 2}
+    assert set(reports["bytes"]["runs"]) == {"pystdlib_n2", "pystdlib_n8", "shakespeare_n2", "shakespeare_n8"}
+    assert all(r["identical"] for r in reports["bytes"]["runs"].values())
+    speed = reports["speedup"]["runs"]
+    assert set(speed) == {"code", "counting"} and all(r["identical"] and len(r["per_prompt"]) == 2 for r in speed.values())
+    # a cut sweep: one finished run lost from the JSON is evaluated again from its checkpoint, nothing retrains
+    report = json.loads((out / "mtp_size.json").read_text())
+    del report["runs"]["4x16_n2_s1"]
+    (out / "mtp_size.json").write_text(json.dumps(report))
+    monkeypatch.setattr(train, "run_quietly", lambda argv: pytest.fail("retrained " + " ".join(argv)))
+    again = mx.run("size", "smoke", str(out), str(work), log=lambda *a: None)["size"]["runs"]
+    assert again.keys() == size.keys() and again["4x16_n2_s1"]["val_loss_h1"] == size["4x16_n2_s1"]["val_loss_h1"]
+    # a checkpoint of another recipe (here another learning rate) is trained afresh, not resumed
+    monkeypatch.setattr(train, "run_quietly", lambda argv: calls.append(argv))
+    calls = []
+    recipe = mx.SCALES["smoke"]["size"]["recipe"]
+    mx.train_model(str(work / "size" / "4x16_n2_s1"), (4, 16, 2), 2, dict(recipe, lr=1e-4), 1338, log=print)
+    mx.train_model(str(work / "size" / "4x16_n2_s1"), (4, 16, 2), 2, dict(recipe, iters=5), 1338, log=print)
+    assert [argv[-1] for argv in calls] == ["--overwrite", "--resume"]  # same recipe, longer: resumed
