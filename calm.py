@@ -27,13 +27,13 @@ window is trained); prompts are left-padded with token 0 to a multiple of K.
 import math
 import os
 import sys
-from collections import Counter
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import calm_heads
 from gpt import GPT, GPTConfig, KVCache, UserError
 
 
@@ -54,13 +54,17 @@ class AEConfig:
 @dataclass
 class CALMConfig(AEConfig):
     autoencoder: str = None       # path of a trained autoencoder ckpt; None: <out_dir>/autoencoder, trained if absent
-    ae_iters: int = 600           # iterations when the autoencoder is trained first
-    head: str = "energy"          # 'energy' (the paper) or 'mse' (deterministic regression ablation)
+    ae_iters: int = 1000          # iterations when the autoencoder is trained first (100% held-out at K <= 4)
+    head: str = "energy"          # 'energy' (the paper), 'flow' / 'diffusion' (calm_heads.py), 'mse' (regression)
     head_layers: int = 2          # residual blocks of the energy head (paper 4)
+    head_dim: int = 0             # width of the head's blocks; 0: n_embd (the paper's choice)
+    head_lr_scale: float = 1.0    # the head's learning rate = this x --learning_rate (the paper: 1)
     noise_size: int = 32          # uniform noise dimensions (paper 64)
     num_samples: int = 8          # N model samples per position (paper 8)
     num_target_samples: int = 32  # M samples of the autoencoder posterior (paper 100)
     alpha: float = 1.0            # energy-score exponent, in (0, 2)
+    flow_steps: int = 10          # --head flow: midpoint steps per sample (2 network calls each; authors 10)
+    diffusion_steps: int = 100    # --head diffusion: respaced DDPM steps per sample (authors 100)
     temp_sampler: str = "batch"   # 'batch' (approximate, paper's generation) or 'exact' (rejection)
     temp_candidates: int = 200    # candidates of the batch sampler (paper 200)
 
@@ -188,20 +192,20 @@ class HeadBlock(nn.Module):
 class EnergyHead(nn.Module):
     """h (..., d) and uniform noise -> one latent sample (..., l) per forward pass (no diffusion steps)."""
 
-    def __init__(self, d, l, noise_size, n_layers):
+    def __init__(self, d_cond, d, l, noise_size, n_layers, deterministic=False):
         super().__init__()
-        self.noise_size = noise_size
+        self.noise_size, self.deterministic = noise_size, deterministic
         self.noise_in, self.cond_in = nn.Sequential(nn.Linear(noise_size, d), nn.LayerNorm(d)), \
-            nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
+            nn.Sequential(nn.Linear(d_cond, d), nn.LayerNorm(d))
         self.blocks = nn.ModuleList([HeadBlock(d) for _ in range(n_layers)])
         self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, l))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, h, n, generator=None, deterministic=False):
+    def forward(self, h, n, generator=None):
         """n samples for every condition: (n, ..., l). deterministic: noise fixed at 0 (the MSE head)."""
         u = torch.rand(n, *h.shape[:-1], self.noise_size, generator=generator, device=h.device) - 0.5
-        x, c = self.noise_in(u * (not deterministic)), self.cond_in(h).expand(n, *h.shape)
+        x, c = self.noise_in(u * (not self.deterministic)), self.cond_in(h).expand(n, *h.shape[:-1], -1)
         for block in self.blocks:
             x = block(x, c)
         return self.out(x)
@@ -218,6 +222,23 @@ def energy_loss(x, y, alpha=1.0):
     return 2 * fit - spread
 
 
+HEADS = ("energy", "flow", "diffusion", "mse")
+
+
+def make_head(d, args):
+    """The generative head on the backbone state (d): one sample per call (energy), or steps of a flow/diffusion."""
+    if args.head not in HEADS:
+        raise UserError(f"--head must be one of {', '.join(HEADS)}, got {args.head!r}")
+    w, l, layers = args.head_dim or d, args.latent_dim, args.head_layers
+    if args.head in ("energy", "mse"):
+        return EnergyHead(d, w, l, args.noise_size, layers, deterministic=args.head == "mse")
+    steps = getattr(args, f"{args.head}_steps")
+    if steps < 1:
+        raise UserError(f"--{args.head}_steps must be at least 1, got {steps}")
+    head = calm_heads.FlowHead if args.head == "flow" else calm_heads.DiffusionHead
+    return head(d, w, l, layers, steps)
+
+
 # ----------------------------------------------------------------------------- the CALM model
 
 class CALM(nn.Module):
@@ -225,12 +246,10 @@ class CALM(nn.Module):
         super().__init__()
         K, d = chunk_size(args, gcfg.block_size), gcfg.n_embd
         self.K, self.head_kind = K, args.head
-        if args.head not in ("energy", "mse"):
-            raise UserError(f"--head must be 'energy' or 'mse', got {args.head!r}")
         self.backbone = GPT(GPTConfig(**{**gcfg.__dict__, "block_size": gcfg.block_size // K}))  # over chunks
         self.compress = nn.Sequential(nn.Linear(K * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.LayerNorm(d))
         self.start = nn.Parameter(torch.randn(d) * 0.02)
-        self.head = EnergyHead(d, args.latent_dim, args.noise_size, args.head_layers)
+        self.head = make_head(d, args)
         self.ae = Autoencoder(gcfg.vocab_size, args).requires_grad_(False)  # frozen
         self.n_chunks = gcfg.block_size // K
 
@@ -254,6 +273,12 @@ class CALM(nn.Module):
         collect["final"] = self.backbone.body(x, 0, None, collect)
         return {k: ([t[:, 1:] for t in v] if isinstance(v, list) else v[:, 1:]) for k, v in collect.items()}
 
+    def param_groups(self, groups, args):
+        """train.make_optimizer's hook: the head's parameters get lr_scale = --head_lr_scale."""
+        head = {id(p) for p in self.head.parameters()}
+        return [{**g, "params": ps, "lr_scale": args.head_lr_scale if in_head else 1.0} for g in groups
+                for in_head in (False, True) if (ps := [p for p in g["params"] if (id(p) in head) == in_head])]
+
     @torch.no_grad()
     def decode_tokens(self, z):
         return self.ae.decode(z).argmax(-1)                          # (..., K)
@@ -269,65 +294,32 @@ def calm_loss(model, x, y, args):
     with torch.no_grad():                                             # targets from the frozen posterior
         mu, log_sigma = model.ae.encode(x.view(B, C, model.K))       # (B, C, l)
     if model.head_kind == "mse":
-        pred = model.head(h, 1, deterministic=True)[0]               # one deterministic vector
+        pred = model.head(h, 1)[0]                                   # one deterministic vector
         loss = ((pred - mu) ** 2).sum(-1).mean()
         return loss, {"mse": loss.item()}
-    xs = model.head(h, args.num_samples)                             # (N, B, C, l)
-    eps = torch.randn(args.num_target_samples, *mu.shape, device=x.device)
     sigma = log_sigma.exp() if args.variational else torch.zeros_like(mu)  # a plain AE's "posterior" is mu
-    ys = mu + sigma * eps                                            # (M, B, C, l) posterior samples
+    posterior = lambda m: mu + sigma * torch.randn(m, *mu.shape, device=x.device)  # noqa: E731 (m, B, C, l)
+    if model.head_kind != "energy":                                  # flow / diffusion: N regression targets
+        return model.head.loss(h, posterior(args.num_samples)).mean(), {}
+    xs = model.head(h, args.num_samples)                             # (N, B, C, l)
+    ys = posterior(args.num_target_samples)                          # (M, B, C, l)
     loss = energy_loss(xs.flatten(1, 2), ys.flatten(1, 2), args.alpha).mean()
     return loss, {}
-
-
-# ----------------------------------------------------------------------------- temperature (sec. 5)
-
-def temperature_power(T):
-    """T = 1/n -> n; anything else is a one-line error (non-integer 1/T needs a Bernoulli factory: not here)."""
-    if T is None or T <= 0 or T > 1 or abs(1 / T - round(1 / T)) > 1e-3:
-        raise UserError(f"CALM temperature must be 1/n for an integer n >= 1 (1, 0.5, 0.333..), got {T}")
-    return round(1 / T)
-
-
-def sample_exact(draw, n, max_rounds=10000, batch=64):
-    """Exact sample from p^n / sum p^n with a black-box sampler draw(m) -> (m, K): draw n samples, accept when
-    all n are identical, else retry. Cost: 1 / sum_x p(x)^n rounds of n draws. None after max_rounds."""
-    for _ in range(0, max_rounds, batch):
-        s = draw(batch * n).view(batch, n, -1)                       # (rounds, n, K)
-        ok = (s == s[:, :1]).all(-1).all(-1).nonzero()
-        if len(ok):
-            return s[ok[0, 0], 0]
-    return None
-
-
-def sample_batch(draw, n, candidates=200, generator=None):
-    """Approximate version: draw `candidates` samples once; for m = n .. 1, among distinct values seen >= m times
-    pick one with weight C(count, m) (its number of accepted m-subsets). Cost: one batch of candidates."""
-    s = draw(candidates)                                             # (N, K)
-    counts = Counter(tuple(r) for r in s.tolist())
-    for m in range(n, 0, -1):
-        keep = [(v, math.comb(c, m)) for v, c in counts.items() if c >= m]
-        if keep:
-            w = torch.tensor([float(c) for _, c in keep])
-            i = torch.multinomial(w / w.sum(), 1, generator=generator).item()
-            return torch.tensor(keep[i][0], device=s.device)
 
 
 # ----------------------------------------------------------------------------- generation
 
 @torch.no_grad()
 def next_chunks(model, h, generator=None, temperature=1.0, sampler="batch", candidates=200):
-    """One K-token chunk per row of h (B, d): head sample -> decoder argmax. Temperature 1/n: 'exact' rejection
-    (falls back to 'batch' after 10k rounds without agreement) or the 'batch' approximation, per row."""
-    deterministic = model.head_kind == "mse"
-    n = temperature_power(temperature)
-    if n == 1:
-        return model.decode_tokens(model.head(h, 1, generator, deterministic)[0])     # (B, K)
+    """One K-token chunk per row of h (B, d): head sample -> decoder argmax. Temperature T < 1, per row: 'exact'
+    (falls back to 'batch' after 200k draws without acceptance) or the 'batch' approximation."""
+    if calm_heads.temperature_split(temperature) == (1, 0.0):
+        return model.decode_tokens(model.head(h, 1, generator)[0])  # (B, K)
     out = []
     for row in h:
-        draw = lambda m: model.decode_tokens(model.head(row, m, generator, deterministic))  # noqa: E731 (m, K)
-        chunk = sample_exact(draw, n) if sampler == "exact" else None
-        out.append(chunk if chunk is not None else sample_batch(draw, n, candidates, generator))
+        draw = lambda m: model.decode_tokens(model.head(row, m, generator))  # noqa: E731 (m, K)
+        chunk = calm_heads.sample_exact(draw, temperature, generator) if sampler == "exact" else None
+        out.append(chunk if chunk is not None else calm_heads.sample_batch(draw, temperature, candidates, generator))
     return torch.stack(out)
 
 
@@ -349,7 +341,7 @@ def generate_chunks(model, idx, n_chunks, generator=None, temperature=1.0, sampl
 
 def calm_generate(model, idx, args, generator=None):
     """sample.py / train.py: args.max_new_tokens tokens after idx (1, T), vector by vector; top_k is ignored."""
-    temperature_power(args.temperature)
+    calm_heads.temperature_split(args.temperature)
     if args.temperature < 1 and args.temp_sampler not in ("batch", "exact"):
         raise UserError(f"--temp_sampler must be 'batch' or 'exact', got {args.temp_sampler!r}")
     pad = (-idx.size(1)) % model.K                                   # left-pad the prompt to a multiple of K
@@ -383,8 +375,25 @@ def load_autoencoder(path, args, tokenizer_name):
     return ckpt
 
 
+HEAD_FLAGS = {"flow_steps": "flow", "diffusion_steps": "diffusion", "noise_size": "energy",
+              "num_target_samples": "energy", "alpha": "energy"}  # flags that only one head reads
+
+
+def autoencoder_flags(out_dir, args, dataset, tokenizer):
+    """train.py flags of the autoencoder CALM trains first (bench/ trains its autoencoders with the same ones)."""
+    return dict(objective="autoencoder", out_dir=out_dir, dataset=dataset, tokenizer=tokenizer, device=args.device,
+                seed=args.seed, block_size=args.block_size, batch_size=args.batch_size, max_iters=args.ae_iters,
+                eval_interval=args.ae_iters, eval_iters=10, brier_positions=0, sample_tokens=0, warmup_iters=30,
+                learning_rate=3e-3, log_interval=max(1, args.ae_iters // 10), **{k: getattr(args, k) for k in AE_FIELDS})
+
+
 def build_calm(gcfg, args, data):
     chunk_size(args)
+    for flag, head in HEAD_FLAGS.items():
+        if flag in getattr(args, "explicit", ()) and args.head != head:
+            raise UserError(f"--{flag} is a flag of --head {head}, not of --head {args.head}")
+    if "min_lr" not in getattr(args, "explicit", {"min_lr"}):
+        args.min_lr = args.learning_rate  # the authors' schedule: constant after warm-up (unless --min_lr is given)
     if data is None or getattr(args, "resume", False):               # sample.py / resume: weights come from ckpt
         return CALM(gcfg, args)
     path = args.autoencoder
@@ -395,12 +404,7 @@ def build_calm(gcfg, args, data):
         else:
             print(f"calm: no --autoencoder given: training one first ({args.ae_iters} iterations) into {path}")
             import train
-            flags = dict(objective="autoencoder", out_dir=os.path.dirname(path), dataset=data.name,
-                         tokenizer=data.tokenizer.name, device=args.device, seed=args.seed, block_size=args.block_size,
-                         batch_size=args.batch_size, max_iters=args.ae_iters, eval_interval=args.ae_iters,
-                         eval_iters=args.eval_iters, brier_positions=0, sample_tokens=0, warmup_iters=30,
-                         learning_rate=3e-3, log_interval=max(1, args.ae_iters // 10),
-                         **{k: getattr(args, k) for k in AE_FIELDS})
+            flags = autoencoder_flags(os.path.dirname(path), args, data.name, data.tokenizer.name)
             train.main([s for k, v in flags.items() for s in (f"--{k}", str(v))])
     ckpt = load_autoencoder(path, args, data.tokenizer.name)
     for k in AE_FIELDS:                                              # the CALM ckpt describes the AE inside it
@@ -428,49 +432,6 @@ def ae_generate(model, idx, args, generator=None):
     pad = (-idx.size(1)) % model.K
     chunks = F.pad(idx, (pad, 0), value=0).view(idx.size(0), -1, model.K)
     return model.decode(model.encode(chunks)[0]).argmax(-1).flatten(1)[:, pad:]
-
-
-# ----------------------------------------------------------------------------- measurements for the tutorial
-
-def sampler_at(model, temperature):
-    """A draw() for brierlm at a temperature: CALM's likelihood-free sampler, or softmax(logits / T) for a GPT."""
-    if isinstance(model, CALM):
-        return lambda m, ctx, n, gen, args: calm_draw(m, ctx, n, gen, args, temperature)
-    return lambda m, ctx, n, gen, args: m.generate(ctx, n, temperature=temperature, generator=gen)[:, -n:]
-
-
-def brier_scores(model, data, args, n_positions=256, temperature=1.0, seed=0):
-    """Brier-1..4 and BrierLM of any model here (brierlm.py, two samples per position)."""
-    import brierlm
-    est = brierlm.brier_eval(model, {"draw": sampler_at(model, temperature)}, data, args, n_positions, seed)
-    return brierlm.summarize(est["sampled"])
-
-
-@torch.no_grad()
-def distinct_ngrams(model, data, args, temperature=1.0, n_prompts=16, length=32, n=2, seed=0):
-    """Diversity: distinct n-grams / all n-grams over `length`-token continuations of fixed val prompts."""
-    gen = torch.Generator().manual_seed(seed)
-    ctx = data.get_batch("val", n_prompts, 16, gen)[0]             # the same prompts for every model
-    out = sampler_at(model, temperature)(model, ctx.to(next(model.parameters()).device), length, gen, args)
-    grams = [tuple(row[i:i + n]) for row in out.tolist() for i in range(len(row) - n + 1)]
-    return len(set(grams)) / len(grams)
-
-
-@torch.no_grad()
-def generation_speed(model, n_tokens=128, repeats=5):
-    """(backbone steps per generated token, tokens/s) for batch-1 generation with the KV cache (best of repeats)."""
-    import time
-    K = model.K if isinstance(model, CALM) else 1
-    prompt = torch.zeros(1, K, dtype=torch.long, device=next(model.parameters()).device)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        if K > 1 or isinstance(model, CALM):
-            generate_chunks(model, prompt, n_tokens // K)
-        else:
-            model.generate(prompt, n_tokens, temperature=1.0)
-        best = min(best, time.perf_counter() - t)
-    return 1 / K, n_tokens // K * K / best
 
 
 OBJECTIVES = {

@@ -13,6 +13,8 @@ An objective is a dict, defined next to its paper (NTP below, the others in mtp.
   generate(model, idx, args, generator) -> idx    sample args.max_new_tokens tokens after idx (1, T)
   default_temperature                             optional: sampling temperature when none is given (0.8)
   default_tokenizer                               optional: tokenizer when none is given (gpt2)
+  presets                                         optional: {preset: {flag: default}}, the objective's own
+                                                  defaults per --preset (CALM's recipe), over PRESETS
   draw(model, ctx, n_tokens, generator, args)     optional: (B, n_tokens) sampled continuations of ctx (B, T),
                                                   what BrierLM needs (default: generate at temperature 1)
 The loop below knows nothing else about any objective.
@@ -142,7 +144,7 @@ def parse_args(argv=None):
     add_fields(parser, GPTConfig, skip=("vocab_size",))
     if objective["config"] is not None:
         add_fields(parser, objective["config"])
-    parser.set_defaults(**PRESETS[known.preset])
+    parser.set_defaults(**{**PRESETS[known.preset], **objective.get("presets", {}).get(known.preset, {})})
     args = parser.parse_args(argv)
     args.explicit = {k for k, v in vars(args).items() if v != parser.get_default(k)}
     args.out_dir = args.out_dir or os.path.join("out", args.objective)
@@ -239,6 +241,8 @@ def make_optimizer(model, args, device):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),  # matrices decay
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]               # norms, biases don't
+    if hasattr(model, "param_groups"):  # optional: a model's own groups, e.g. with an "lr_scale" (CALM's head)
+        groups = model.param_groups(groups, args)
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.beta1, args.beta2),
                              fused=device.startswith("cuda"))
 
@@ -359,7 +363,7 @@ def train(args, objective):
         if it == args.max_iters:
             break
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(it, args)
+            group["lr"] = lr_at(it, args) * group.get("lr_scale", 1.0)
         ix = data.random_offsets("train", B * args.grad_accum * world, T, batch_gen)
         for micro in range(args.grad_accum):
             lo = (micro * world + rank) * B  # global batch drawn once, then split: same on 1 or N processes

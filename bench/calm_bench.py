@@ -6,6 +6,7 @@ backbone, both with a KV cache, batch 1. Random weights (speed does not depend o
 Reports backbone steps per generated token, tokens/s, and where CALM's time goes (backbone, input compression,
 energy head, autoencoder decoder), each timed by synchronised wall clock around the module calls.
 """
+import sys
 import time
 from collections import defaultdict
 from types import SimpleNamespace
@@ -49,6 +50,10 @@ def run(fn, device, repeats):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["run"], ["list"]):  # the experiments: bench/calm_runs.py
+        from bench import calm_runs
+        return calm_runs.main(argv)
     p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--K", type=int, default=4)
     p.add_argument("--tokens", type=int, default=256)
