@@ -1,9 +1,10 @@
 """CALM: Continuous Autoregressive Language Models (Shao, Li, Meng, Zhou, arXiv 2510.27688, 2025).
 Paper note: ../shared/papers/calm.md. One step predicts one continuous vector that stands for K tokens.
+This file: the autoencoder, the model over chunks, its training loss and generation; calm_heads.py: the generative
+heads (the paper's energy head, flow matching and diffusion for its comparison) and likelihood-free temperature.
 
-    python train.py --objective autoencoder --tokenizer bytes --chunk_size 4     # K tokens <-> one latent vector
-    python train.py --objective calm --tokenizer bytes                           # trains/reuses an autoencoder first
-    python sample.py --ckpt out/calm/ckpt.pt --prompt "ROMEO:" --temperature 1   # T must be 1/n (0.5, 0.333.., ...)
+    python train.py --objective calm                                # autoencoder first (or reused), then CALM
+    python sample.py --ckpt out/calm/ckpt.pt --prompt "ROMEO:" --temperature 0.7   # any T in (0, 1]
 
 Paper -> code
   sec. 2  autoencoder, context-free (each K-chunk alone)   Autoencoder.encode / .decode (residual SwiGLU MLPs)
@@ -12,15 +13,15 @@ Paper -> code
           robustness: accuracy with Gaussian noise on z    ae_evaluate (recon_acc, recon_acc_noisy)
   sec. 3  backbone over chunks; input = the previous chunk's K tokens, embedded and compressed
           Linear(K d -> 2d) -> SiLU -> Linear(2d -> d) -> LayerNorm                           CALM.chunk_inputs
-          energy head: noise + condition -> latent in one pass (residual MLP blocks)          EnergyHead
-          energy loss (negative energy score, strictly proper for alpha in (0, 2))            energy_loss
+          generative head on the backbone state: energy (one pass), flow, diffusion         calm_heads.make_head
+          energy loss against M samples of the frozen posterior; flow / diffusion losses     calm_loss
   sec. 4  BrierLM: brierlm.py, through draw() below (samples only, never probabilities)
-  sec. 5  likelihood-free temperature: exact rejection for T = 1/n                            sample_exact
-          approximate batch version (what generation uses)                                    sample_batch
+  sec. 5  likelihood-free temperature, exact (calm_heads.sample_exact) or batch (sample_batch)   next_chunks
   ablation: deterministic regression head (--head mse)                                         calm_loss
 
-Defaults are scaled down for a 2-core CPU; the paper uses latent_dim 128, ae_dim 512, ae_layers 2, noise_size 64,
-head_layers 4, N = 8 model samples, M = 100 target samples, alpha = 1, kl_weight 1e-3, kl_clip 0.5, p = 0.15.
+Defaults are scaled down for a 2-core CPU (the recipe: README, bench/calm_runs.py); the paper uses latent_dim 128,
+ae_dim 512, ae_layers 2, noise_size 64, head_layers 4 at the backbone's width, N = 8 model samples, M = 100 target
+samples, alpha = 1, kl_weight 1e-3, kl_clip 0.5, p = 0.15, and a constant learning rate after warm-up.
 Our additions: a learned start vector is the first backbone input (predicts chunk 0, so every position of a
 window is trained); prompts are left-padded with token 0 to a multiple of K.
 """
@@ -175,70 +176,6 @@ def build_ae(gcfg, args, data):
     return Autoencoder(gcfg.vocab_size, args)
 
 
-# ----------------------------------------------------------------------------- the energy head and loss (sec. 3)
-
-class HeadBlock(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(2 * d, d), nn.SiLU(), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 2 * d))
-        self.down = nn.Linear(d, d)
-
-    def forward(self, x, c):
-        g, v = self.mlp(torch.cat([self.norm(x), c], dim=-1)).chunk(2, dim=-1)
-        return x + self.down(F.silu(g) * v)
-
-
-class EnergyHead(nn.Module):
-    """h (..., d) and uniform noise -> one latent sample (..., l) per forward pass (no diffusion steps)."""
-
-    def __init__(self, d_cond, d, l, noise_size, n_layers, deterministic=False):
-        super().__init__()
-        self.noise_size, self.deterministic = noise_size, deterministic
-        self.noise_in, self.cond_in = nn.Sequential(nn.Linear(noise_size, d), nn.LayerNorm(d)), \
-            nn.Sequential(nn.Linear(d_cond, d), nn.LayerNorm(d))
-        self.blocks = nn.ModuleList([HeadBlock(d) for _ in range(n_layers)])
-        self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, l))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
-
-    def forward(self, h, n, generator=None):
-        """n samples for every condition: (n, ..., l). deterministic: noise fixed at 0 (the MSE head)."""
-        u = torch.rand(n, *h.shape[:-1], self.noise_size, generator=generator, device=h.device) - 0.5
-        x, c = self.noise_in(u * (not self.deterministic)), self.cond_in(h).expand(n, *h.shape[:-1], -1)
-        for block in self.blocks:
-            x = block(x, c)
-        return self.out(x)
-
-
-def energy_loss(x, y, alpha=1.0):
-    """Negative energy score, unbiased: x (N, P, l) model samples, y (M, P, l) target samples -> (P,)
-    2/(NM) sum_nm |x_n - y_m|^a - 1/(N(N-1)) sum_{n != n'} |x_n - x_n'|^a   (strictly proper for a in (0, 2))."""
-    N = x.size(0)
-    dist = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1).clamp_min(1e-12) ** (alpha / 2)  # noqa: E731
-    fit = dist(x, y).mean((0, 1))                                    # (P,) E|X - Y|^a
-    off_diagonal = ~torch.eye(N, dtype=torch.bool, device=x.device)  # pairs n != n'
-    spread = dist(x, x)[off_diagonal].sum(0) / (N * (N - 1))         # (P,) E|X - X'|^a
-    return 2 * fit - spread
-
-
-HEADS = ("energy", "flow", "diffusion", "mse")
-
-
-def make_head(d, args):
-    """The generative head on the backbone state (d): one sample per call (energy), or steps of a flow/diffusion."""
-    if args.head not in HEADS:
-        raise UserError(f"--head must be one of {', '.join(HEADS)}, got {args.head!r}")
-    w, l, layers = args.head_dim or d, args.latent_dim, args.head_layers
-    if args.head in ("energy", "mse"):
-        return EnergyHead(d, w, l, args.noise_size, layers, deterministic=args.head == "mse")
-    steps = getattr(args, f"{args.head}_steps")
-    if steps < 1:
-        raise UserError(f"--{args.head}_steps must be at least 1, got {steps}")
-    head = calm_heads.FlowHead if args.head == "flow" else calm_heads.DiffusionHead
-    return head(d, w, l, layers, steps)
-
-
 # ----------------------------------------------------------------------------- the CALM model
 
 class CALM(nn.Module):
@@ -249,7 +186,7 @@ class CALM(nn.Module):
         self.backbone = GPT(GPTConfig(**{**gcfg.__dict__, "block_size": gcfg.block_size // K}))  # over chunks
         self.compress = nn.Sequential(nn.Linear(K * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.LayerNorm(d))
         self.start = nn.Parameter(torch.randn(d) * 0.02)
-        self.head = make_head(d, args)
+        self.head = calm_heads.make_head(d, args)
         self.ae = Autoencoder(gcfg.vocab_size, args).requires_grad_(False)  # frozen
         self.n_chunks = gcfg.block_size // K
 
@@ -303,7 +240,7 @@ def calm_loss(model, x, y, args):
         return model.head.loss(h, posterior(args.num_samples)).mean(), {}
     xs = model.head(h, args.num_samples)                             # (N, B, C, l)
     ys = posterior(args.num_target_samples)                          # (M, B, C, l)
-    loss = energy_loss(xs.flatten(1, 2), ys.flatten(1, 2), args.alpha).mean()
+    loss = calm_heads.energy_loss(xs.flatten(1, 2), ys.flatten(1, 2), args.alpha).mean()
     return loss, {}
 
 
@@ -434,10 +371,15 @@ def ae_generate(model, idx, args, generator=None):
     return model.decode(model.encode(chunks)[0]).argmax(-1).flatten(1)[:, pad:]
 
 
+# `python train.py --objective calm` at --preset cpu (the default): the recipe chosen by bench/calm_runs.py's sweep
+# (README, CALM), with CALMConfig's head and a constant learning rate after warm-up (build_calm)
+RECIPE = dict(learning_rate=1e-3, warmup_iters=100, batch_size=16, max_iters=2700, eval_interval=900,
+              brier_positions=512)
+
 OBJECTIVES = {
     "autoencoder": dict(config=AEConfig, build=build_ae, loss=ae_loss, evaluate=ae_evaluate, generate=ae_generate,
                         default_tokenizer="bytes"),
     "calm": dict(config=CALMConfig, build=build_calm, loss=calm_loss, evaluate=calm_evaluate,
                  generate=calm_generate, draw=calm_draw, default_temperature=1.0,
-                 default_tokenizer="bytes"),
+                 default_tokenizer="bytes", presets={"cpu": RECIPE}),
 }

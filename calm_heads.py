@@ -1,30 +1,104 @@
-"""CALM's alternative generative heads: flow matching and diffusion (Shao et al. 2025, the generative-head
-comparison; paper note ../shared/papers/calm.md section 2b). calm.py holds the paper's own energy head; these two
-are what it is compared with (`--head flow|diffusion`), built as in the authors' code:
+"""CALM's generative heads and likelihood-free temperature (Shao et al. 2025; paper note ../shared/papers/calm.md,
+sections 2, 2b and 3). A head turns the backbone state h of a position into samples of the next chunk's latent;
+calm.py trains it and decodes its samples. `--head`:
 
-  the network v(x, t, h)         an MLP over the latent x whose blocks are modulated by the backbone      AdaLNNet
-                                 state h plus a sinusoidal embedding of the time t (adaptive LayerNorm:
-                                 shift, scale and gate from Linear(SiLU(y)), y = time embedding + Linear(h))
-  flow matching (rectified flow) x_t = (1 - t) x0 + t z, x0 ~ N(0, I), t ~ U[0, 1];                       FlowHead
-                                 loss |v(x_t, t, h) - (z - x0)|^2; sampling integrates dx/dt = v from
-                                 t = 0 to 1 with the midpoint rule (2 network calls per step; authors: 10)
-  diffusion (DDPM)               cosine noise schedule over 1000 steps, the network predicts the noise;   DiffusionHead
-                                 sampling: ancestral DDPM steps on an evenly respaced subset (authors: 100)
+  energy (the paper's)   noise u ~ U[-1/2, 1/2]^s and h -> a latent in ONE pass: residual    EnergyHead
+                         blocks x + Down(SiLU(g) * v), [g, v] = MLP([LayerNorm(x), c])
+                         trained by the energy loss, strictly proper for alpha in (0, 2)      energy_loss
+  mse (the ablation)     the same network with the noise fixed at 0, squared error to mu     EnergyHead
+  flow (authors' code)   rectified flow: x_t = (1 - t) x0 + t z, x0 ~ N(0, I), t ~ U[0, 1];  FlowHead
+                         loss |v(x_t, t, h) - (z - x0)|^2; sampling integrates dx/dt = v
+                         from t = 0 to 1 by the midpoint rule, 2 network calls per step
+  diffusion (authors')   DDPM, cosine schedule over 1000 steps, the network predicts the     DiffusionHead
+                         noise; sampling: ancestral steps on an evenly respaced subset
+  the flow/diffusion     an MLP over the latent whose blocks are modulated (adaptive          AdaLNNet
+  network v(x, t, h)     LayerNorm: shift, scale, gate from Linear(SiLU(y))) by y = a
+                         sinusoidal embedding of t + Linear(h)
+  sec. 3 temperature     p^(1/T) / Z from a black-box sampler: n-sample agreement for the     sample_exact
+                         integer part of 1/T, a Bernoulli factory for its fractional part     bernoulli_factory
+                         the batch approximation (what generation uses)                        sample_batch
 
-Both are trained like the energy head: the backbone state of each position is paired with N = --num_samples
-draws z of the frozen autoencoder's posterior (the authors repeat h N times). Unlike the energy head they need
-many network calls per sample: `--flow_steps` and `--diffusion_steps` (>= 1) set how many.
-Differences from the authors' code: the diffusion head uses the fixed posterior variance of each step where theirs
-learns an interpolated variance with an extra variational-bound loss term (improved DDPM); the flow head's time
-enters the embedding as the real number 1000 t, not rounded to an integer.
+Flow and diffusion are trained like the energy head: each position's h is paired with N = --num_samples draws of
+the frozen autoencoder's posterior (the authors repeat h N times). They need many network calls per sample where
+the energy head needs one: `--flow_steps` (authors 10) and `--diffusion_steps` (authors 100), each >= 1.
+Differences from the authors' code: the diffusion head uses each step's fixed posterior variance where theirs learns
+an interpolated variance with an extra variational-bound term (improved DDPM), and a 1-step diffusion starts at the
+last training step (theirs would respace to step 0); the flow's time enters as the real number 1000 t, not rounded.
 """
 import math
 from collections import Counter
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from gpt import UserError
+
+# ----------------------------------------------------------------------------- the energy head and loss (paper)
+
+class HeadBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(2 * d, d), nn.SiLU(), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 2 * d))
+        self.down = nn.Linear(d, d)
+
+    def forward(self, x, c):
+        g, v = self.mlp(torch.cat([self.norm(x), c], dim=-1)).chunk(2, dim=-1)
+        return x + self.down(F.silu(g) * v)
+
+
+class EnergyHead(nn.Module):
+    """h (..., d) and uniform noise -> one latent sample (..., l) per forward pass (no diffusion steps)."""
+
+    def __init__(self, d_cond, d, l, noise_size, n_layers, deterministic=False):
+        super().__init__()
+        self.noise_size, self.deterministic = noise_size, deterministic
+        self.noise_in, self.cond_in = nn.Sequential(nn.Linear(noise_size, d), nn.LayerNorm(d)), \
+            nn.Sequential(nn.Linear(d_cond, d), nn.LayerNorm(d))
+        self.blocks = nn.ModuleList([HeadBlock(d) for _ in range(n_layers)])
+        self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, l))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, h, n, generator=None):
+        """n samples for every condition: (n, ..., l). deterministic: noise fixed at 0 (the MSE head)."""
+        u = torch.rand(n, *h.shape[:-1], self.noise_size, generator=generator, device=h.device) - 0.5
+        x, c = self.noise_in(u * (not self.deterministic)), self.cond_in(h).expand(n, *h.shape[:-1], -1)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.out(x)
+
+
+def energy_loss(x, y, alpha=1.0):
+    """Negative energy score, unbiased: x (N, P, l) model samples, y (M, P, l) target samples -> (P,)
+    2/(NM) sum_nm |x_n - y_m|^a - 1/(N(N-1)) sum_{n != n'} |x_n - x_n'|^a   (strictly proper for a in (0, 2))."""
+    N = x.size(0)
+    dist = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1).clamp_min(1e-12) ** (alpha / 2)  # noqa: E731
+    fit = dist(x, y).mean((0, 1))                                    # (P,) E|X - Y|^a
+    off_diagonal = ~torch.eye(N, dtype=torch.bool, device=x.device)  # pairs n != n'
+    spread = dist(x, x)[off_diagonal].sum(0) / (N * (N - 1))         # (P,) E|X - X'|^a
+    return 2 * fit - spread
+
+
+HEADS = ("energy", "flow", "diffusion", "mse")
+
+
+def make_head(d, args):
+    """The generative head on the backbone state (d): one sample per call (energy), or steps of a flow/diffusion."""
+    if args.head not in HEADS:
+        raise UserError(f"--head must be one of {', '.join(HEADS)}, got {args.head!r}")
+    w, l, layers = args.head_dim or d, args.latent_dim, args.head_layers
+    if args.head in ("energy", "mse"):
+        return EnergyHead(d, w, l, args.noise_size, layers, deterministic=args.head == "mse")
+    steps = getattr(args, f"{args.head}_steps")
+    if steps < 1:
+        raise UserError(f"--{args.head}_steps must be at least 1, got {steps}")
+    head = FlowHead if args.head == "flow" else DiffusionHead
+    return head(d, w, l, layers, steps)
+
+
+# ----------------------------------------------------------------------------- flow matching and diffusion
 
 FREQ = 256  # sinusoidal time-embedding size (as the authors')
 
@@ -109,9 +183,9 @@ def cosine_alpha_bar(n_steps=1000, s=0.008):
 class DiffusionHead(nn.Module):
     """DDPM noise prediction; forward(h, n) = n samples (n, ..., l) by `steps` respaced ancestral steps."""
 
-    def __init__(self, d_cond, w, l, n_layers, steps=100, n_train_steps=1000):
+    def __init__(self, d_cond, w, l, n_layers, steps=100, n_train_steps=1000, clip=10.0):
         super().__init__()
-        self.net, self.l, self.steps = AdaLNNet(d_cond, w, l, n_layers), l, steps
+        self.net, self.l, self.steps, self.clip = AdaLNNet(d_cond, w, l, n_layers), l, steps, clip
         self.register_buffer("alpha_bar", cosine_alpha_bar(n_train_steps), persistent=False)
 
     def loss(self, h, z):
@@ -130,7 +204,7 @@ class DiffusionHead(nn.Module):
             ab, ab_prev = self.alpha_bar[t], torch.ones(()) if last else self.alpha_bar[ts[i + 1]]
             beta = 1 - ab / ab_prev                                      # the respaced step's beta
             eps = self.net(x, torch.full(x.shape[:-1], float(t), device=h.device), h)
-            z0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()                 # predicted clean latent
+            z0 = ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-self.clip, self.clip)  # predicted clean latent
             mean = (ab_prev.sqrt() * beta * z0 + (1 - beta).sqrt() * (1 - ab_prev) * x) / (1 - ab)  # q(x_prev|x, z0)
             var = beta * (1 - ab_prev) / (1 - ab)                        # its variance (0 at the last step)
             x = mean + (0 if last else var.sqrt() * torch.randn(x.shape, generator=generator, device=h.device))

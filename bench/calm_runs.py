@@ -34,22 +34,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "out", "calm_runs")
 RESULTS = os.path.join(ROOT, "results")
 DATA = dict(dataset="shakespeare", tokenizer="bytes", block_size=128, batch_size=16)
-SIZES = {"4x128": dict(n_layer=4, n_head=4, n_embd=128), "6x192": dict(n_layer=6, n_head=6, n_embd=192)}
+SIZES = {"4x128": dict(n_layer=4, n_head=4, n_embd=128), "6x192": dict(n_layer=6, n_head=6, n_embd=192),
+         "1x32": dict(n_layer=1, n_head=2, n_embd=32, block_size=32)}
 
 
 def flags_for(size, objective, seed=0, **extra):
-    return dict(objective=objective, seed=1337 + seed, **DATA, **SIZES[size], **extra)
+    return {"objective": objective, "seed": 1337 + seed, **DATA, **SIZES[size], **extra}
 
 
 def schedule(lr, kind, warmup=100):
     """'const': linear warm-up then constant (the authors' schedule); 'cos': cosine to lr / 10 at the end."""
-    return dict(learning_rate=lr, warmup_iters=warmup, **({"min_lr": lr} if kind == "const" else {}))
+    return dict(learning_rate=lr, warmup_iters=warmup, min_lr=lr if kind == "const" else lr / 10)
+
+
+def architecture_of(flags):
+    """(model with random weights, args, objective) of a run's flags, as train.py builds them (no data, no AE)."""
+    from bench.table import architecture
+    return architecture(flags)
 
 
 def iters_for(flags, budget):
     """Iterations of the run `flags` that spend `budget` training FLOPs (bench.train_flops_per_token)."""
-    from bench.table import architecture
-    model, args, _ = architecture(flags)
+    model, args, _ = architecture_of(flags)
     per_iter = train_flops_per_token(model, args.block_size, getattr(args, "num_samples", 8)) * args.batch_size * \
         args.block_size
     return max(4, round(budget / per_iter))
@@ -57,9 +63,9 @@ def iters_for(flags, budget):
 
 def ntp_flops(size, iters):
     """Training FLOPs of `iters` NTP iterations at a backbone size: the budget every run of a comparison gets."""
-    from bench.table import architecture
-    model = architecture(flags_for(size, "ntp"))[0]
-    return train_flops_per_token(model, DATA["block_size"]) * iters * DATA["batch_size"] * DATA["block_size"]
+    flags = flags_for(size, "ntp")
+    T = flags["block_size"]
+    return train_flops_per_token(architecture_of(flags)[0], T) * iters * flags["batch_size"] * T
 
 
 def on_budget(name, flags, budget, fractions=(0.25, 0.5, 1.0)):
@@ -80,18 +86,13 @@ def recipe_sweep():
     for lr, kind in ((2e-3, "const"), (5e-4, "const"), (1e-3, "cos")):
         runs.append(on_budget(f"calm K=4 lr={lr:g} {kind}", flags_for("4x128", "calm", chunk_size=4, **head,
                                                                        **schedule(lr, kind)), budget, (0.5, 1.0)))
-    runs.append(on_budget("calm K=4 head lr x3", flags_for("4x128", "calm", chunk_size=4, **head, **const,
-                                                           head_lr_scale=3.0), budget, (0.5, 1.0)))
+    for lr, scale in ((1e-3, 3.0), (1e-3, 10.0), (2e-3, 3.0)):
+        runs.append(on_budget(f"calm K=4 head lr x{scale:g}" + (f" lr={lr:g}" if lr != 1e-3 else ""), flags_for(
+            "4x128", "calm", chunk_size=4, **head, **schedule(lr, "const"), head_lr_scale=scale), budget, (0.5, 1.0)))
     for lr in (1e-3, 3e-3):
         runs.append(on_budget(f"ntp lr={lr:g} cos", flags_for("4x128", "ntp", **schedule(lr, "cos")), budget,
                               (0.5, 1.0)))
     return runs
-
-
-def smoke():
-    tiny = dict(n_layer=1, n_head=2, n_embd=32, block_size=32)
-    return [("ntp", {**flags_for("4x128", "ntp"), **tiny}, [2, 4]),
-            ("calm K=4", {**flags_for("4x128", "calm", chunk_size=4), **tiny}, [2, 4])]
 
 
 # the recipe (chosen by the sweep above; calm.py's defaults and train.py's `--objective calm` use the same values)
@@ -99,7 +100,8 @@ CALM_RECIPE = dict(chunk_size=4, **schedule(1e-3, "const"))
 NTP_RECIPE = schedule(1e-3, "cos")
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
 CURVES = {"4x128": dict(ntp_iters=1200, seeds={4: 3, 2: 3, 1: 3}),
-          "6x192": dict(ntp_iters=800, seeds={4: 3, 2: 3, 1: 1})}
+          "6x192": dict(ntp_iters=800, seeds={4: 3, 2: 3, 1: 1}),
+          "1x32": dict(ntp_iters=8, seeds={4: 2, 1: 1}, fractions=(1 / 2, 1))}  # smoke: the notebook in the tests
 
 
 def curves(size):
@@ -107,65 +109,77 @@ def curves(size):
     CALM (constant rate) is scored at 1/8, 1/4, 1/2 and all of it along one run per seed; NTP (cosine) gets one
     run per budget, each annealed to its end, so that every NTP point is its best at that compute."""
     c = CURVES[size]
-    budget = ntp_flops(size, c["ntp_iters"])
-    runs = [(f"ntp {f:g}", flags_for(size, "ntp", **NTP_RECIPE), [round(f * c["ntp_iters"])]) for f in FRACTIONS]
+    budget, fractions = ntp_flops(size, c["ntp_iters"]), c.get("fractions", FRACTIONS)
+    runs = [(f"ntp {f:g}", flags_for(size, "ntp", **NTP_RECIPE), [max(1, round(f * c["ntp_iters"]))])
+            for f in fractions]
     for seed in range(max(c["seeds"].values())):
         for K, n in c["seeds"].items():
             if seed < n:
                 runs.append(on_budget(f"calm K={K} seed {seed}", flags_for(size, "calm", seed, **{
-                    **CALM_RECIPE, "chunk_size": K}), budget, FRACTIONS))
+                    **CALM_RECIPE, "chunk_size": K}), budget, fractions))
     return runs
 
 
-def head_runs():
-    """Flow matching and diffusion heads on the same backbone, data and iterations as the energy head of
-    curves_4x128 (its seeds 0..), K = 4: the paper's generative-head comparison."""
-    budget = ntp_flops("4x128", CURVES["4x128"]["ntp_iters"])
-    energy = flags_for("4x128", "calm", 0, **CALM_RECIPE)
-    iters = iters_for(energy, budget)
-    points = sorted({round(f * iters) for f in FRACTIONS})
-    return [(f"{head} seed {s}", flags_for("4x128", "calm", s, **CALM_RECIPE, head=head), points)
-            for s in range(2) for head in ("flow", "diffusion")]
+def head_runs(size, seeds=2):
+    """Flow matching and diffusion heads (and the MSE ablation, seed 0) on the same backbone, data and iterations
+    as the energy head of curves_<size> (its seeds 0, 1, ..), K = 4: the paper's generative-head comparison."""
+    energy = flags_for(size, "calm", 0, **CALM_RECIPE)
+    iters = iters_for(energy, ntp_flops(size, CURVES[size]["ntp_iters"]))
+    points = sorted({max(1, round(f * iters)) for f in FRACTIONS})
+    return [(f"{head} seed {s}", flags_for(size, "calm", s, **CALM_RECIPE, head=head), points)
+            for s in range(seeds) for head in ("flow", "diffusion")] + \
+        [("mse seed 0", flags_for(size, "calm", 0, **CALM_RECIPE, head="mse"), points)]
 
 
-def head_steps(name):
-    """After training: Brier-n at several sampling-step counts (the flow's midpoint steps cost 2 calls each)."""
-    steps = [1, 2, 5, 10, 20] if name.startswith("flow") else [1, 5, 10, 25, 50, 100, 200]
+def head_steps(name, spec):
+    """After training: Brier-n at several sampling-step counts (a flow midpoint step is 2 network calls)."""
+    flow = name.startswith("flow")
+    steps = spec["steps"]["flow" if flow else "diffusion"] if name.startswith(("flow", "diffusion")) else []
 
     def measure(model, args, data):
         out = {}
         for n in steps:
             model.head.steps = n
-            out[str(n)] = dict(calls=n * (2 if name.startswith("flow") else 1),
-                               **calm_experiments.brier_scores(model, data, args, 2048))
-        return {"steps": out}
+            out[str(n)] = dict(calls=n * (1 + flow), **calm_experiments.brier_scores(model, data, args,
+                                                                                     spec["post_positions"]))
+        return {"steps": out, "samples": calm_experiments.continuations(model, args), "distinct2":
+                calm_experiments.distinct_ngrams(model, data, args, n_prompts=spec["prompts"])}
     return measure
 
 
 TEMPERATURES = [1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25]
 
 
-def temperature_curve(name):
-    """After training (NTP and CALM K = 4 of curves_4x128): quality and diversity of samples across T."""
-    if not (name.startswith("ntp 1") or name.startswith("calm K=4")):
+def temperature_curve(name, spec):
+    """After training (the last NTP and CALM K = 4): quality and diversity of samples across T (CALM: the batch
+    sampler at every T, the exact one at T = 0.8 and 0.5)."""
+    if not (name == "ntp 1" or name.startswith("calm K=4")):
         return None
 
     def measure(model, args, data):
         out = {}
-        for T in TEMPERATURES:
+        for T in spec["temperatures"]:
             for sampler in ("batch", "exact") if name.startswith("calm") and T in (0.8, 0.5) else ("batch",):
-                key = f"{T:g}" + ("" if sampler == "batch" else " exact")
-                out[key] = dict(T=T, sampler=sampler, **calm_experiments.tempered_accuracy(
-                    model, data, args, T, 1024, sampler=sampler), distinct2=calm_experiments.distinct_ngrams(
-                    model, data, args, T, sampler=sampler))
-        return {"temperature": out}
+                out[f"{T:g}" + ("" if sampler == "batch" else " exact")] = dict(
+                    T=T, sampler=sampler, distinct2=calm_experiments.distinct_ngrams(
+                        model, data, args, T, n_prompts=spec["prompts"], sampler=sampler),
+                    **calm_experiments.tempered_accuracy(model, data, args, T, spec["post_positions"], sampler=sampler))
+        return {"temperature": out, "samples": calm_experiments.continuations(model, args)}
     return measure
 
 
-EXPERIMENTS = {"smoke": dict(runs=smoke, positions=16), "recipe": dict(runs=recipe_sweep, positions=2048),
-               "curves_4x128": dict(runs=lambda: curves("4x128"), positions=2048, post=temperature_curve),
-               "curves_6x192": dict(runs=lambda: curves("6x192"), positions=2048),
-               "heads": dict(runs=head_runs, positions=2048, post=head_steps)}
+STEPS = {"flow": [1, 2, 5, 10, 20], "diffusion": [1, 5, 10, 25, 50, 100, 200]}
+SMOKE = dict(positions=16, post_positions=8, prompts=2, ae_iters=10)  # seconds: the notebook under the tests
+EXPERIMENTS = {
+    "recipe": dict(runs=recipe_sweep, positions=2048),
+    "curves_4x128": dict(runs=lambda: curves("4x128"), positions=2048, post=temperature_curve, post_positions=1024,
+                         prompts=16, temperatures=TEMPERATURES),
+    "curves_6x192": dict(runs=lambda: curves("6x192"), positions=2048),
+    "heads": dict(runs=lambda: head_runs("4x128"), positions=2048, post=head_steps, post_positions=1024,
+                  prompts=16, steps=STEPS),
+    "smoke_curves": dict(runs=lambda: curves("1x32"), post=temperature_curve, temperatures=[1.0, 0.5], **SMOKE),
+    "smoke_heads": dict(runs=lambda: head_runs("1x32", 1), post=head_steps, steps={"flow": [1, 2],
+                                                                                     "diffusion": [1, 5]}, **SMOKE)}
 
 
 # ----------------------------------------------------------------------------- running and recording
@@ -178,8 +192,9 @@ class Locked:
     """An exclusive file lock (two shards write the same results file, or want the same autoencoder)."""
 
     def __init__(self, path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.f = open(path + ".lock", "w")
+        lock = os.path.join(WORK, "locks", os.path.abspath(path).strip(os.sep).replace(os.sep, "_") + ".lock")
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+        self.f = open(lock, "w")
 
     def __enter__(self):
         fcntl.flock(self.f, fcntl.LOCK_EX)
@@ -212,16 +227,19 @@ def record(path, name, flags, point=None, post=None):
         os.replace(path + ".tmp", path)
 
 
-def autoencoder(K):
+def autoencoder(K, work=WORK, ae_iters=None):
     """Path of the shared autoencoder for chunk size K (calm.py's recipe), trained once, under a lock, if missing."""
-    out = os.path.join(WORK, "autoencoders", f"K{K}")
+    out = os.path.join(work, "autoencoders", f"K{K}")
     path = os.path.join(out, "ckpt.pt")
     with Locked(path):
         if not os.path.exists(path):
             args = SimpleNamespace(**{f.name: f.default for f in fields(calm.CALMConfig)}, device="cpu", seed=1337,
                                    block_size=DATA["block_size"], batch_size=DATA["batch_size"])
-            args.chunk_size = K
-            train.run_quietly(to_argv(calm.autoencoder_flags(out, args, DATA["dataset"], DATA["tokenizer"])))
+            args.chunk_size, args.ae_iters = K, ae_iters or args.ae_iters
+            flags = calm.autoencoder_flags(out, args, DATA["dataset"], DATA["tokenizer"])
+            if ae_iters:  # smoke: a few iterations, a short evaluation
+                flags.update(block_size=32, eval_iters=1)
+            train.run_quietly(to_argv(flags))
     return path
 
 
@@ -238,18 +256,18 @@ def score(ckpt, data, positions):
     return out, model, args
 
 
-def run_one(exp, name, flags, points, spec, data, log):
+def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WORK):
     """Train run `name` through its points (resuming what exists), score each, then spec['post'] if any."""
-    path = os.path.join(RESULTS, f"calm_{exp}.json")
+    path = os.path.join(results, f"calm_{exp}.json")
     saved = read_results(path)["runs"].get(name, {})
     done = {p["iter"]: p for p in saved.get("points", [])}
-    post = spec.get("post") and spec["post"](name)
+    post = spec.get("post") and spec["post"](name, spec)
     if set(done) >= set(points) and (post is None or "post" in saved):
         return
-    out_dir = os.path.join(WORK, exp, re.sub(r"[^\w.=-]+", "_", name))
+    out_dir = os.path.join(work, exp, re.sub(r"[^\w.=-]+", "_", name))
     flags = dict(flags)
     if flags["objective"] == "calm" and "autoencoder" not in flags:
-        flags["autoencoder"] = autoencoder(flags["chunk_size"])
+        flags["autoencoder"] = autoencoder(flags["chunk_size"], work, spec.get("ae_iters"))
     record_flags = {k: v for k, v in flags.items() if k != "autoencoder"}
     ckpt = os.path.join(out_dir, "ckpt.pt")
     at = torch.load(ckpt, weights_only=False)["iter"] if os.path.exists(ckpt) else 0
@@ -284,7 +302,8 @@ def run_one(exp, name, flags, points, spec, data, log):
         log(f"{exp} | {name} | post-training measurements ({time.time() - t:.0f}s)")
 
 
-def run(exp, shard=(0, 1), only=None, dry=False, log=print):
+def run(exp, shard=(0, 1), only=None, dry=False, log=print, results=RESULTS, work=WORK):
+    """Run (this shard of) an experiment; results go to <results>/calm_<exp>.json, checkpoints under <work>."""
     if exp not in EXPERIMENTS:
         raise UserError(f"unknown experiment {exp!r}: choose from {', '.join(EXPERIMENTS)}")
     spec = EXPERIMENTS[exp]
@@ -297,7 +316,7 @@ def run(exp, shard=(0, 1), only=None, dry=False, log=print):
     data = load_data(DATA["dataset"], DATA["tokenizer"])
     for name, flags, points in mine:
         try:
-            run_one(exp, name, flags, points, spec, data, log)
+            run_one(exp, name, flags, points, spec, data, log, results, work)
         except UserError as e:  # say so and go on with the next run
             log(f"{exp} | {name} | failed: {e}")
 

@@ -35,7 +35,7 @@ def closed_form_loss(m, s):
 def mc_loss(m, s, N, M, P, gen):
     x = m + s * torch.randn(N, P, 1, generator=gen, dtype=torch.float64)
     y = torch.randn(M, P, 1, generator=gen, dtype=torch.float64)
-    return calm.energy_loss(x, y)  # (P,)
+    return calm_heads.energy_loss(x, y)  # (P,)
 
 
 def test_energy_loss_is_unbiased_against_the_closed_form():
@@ -51,8 +51,8 @@ def test_energy_loss_matches_a_large_sample_estimate_in_several_dimensions():
     mu, P = torch.tensor([0.5, -1.0, 2.0]), 20_000
     x = lambda n, p: mu + 0.8 * torch.randn(n, p, 3, generator=gen, dtype=torch.float64)  # noqa: E731
     y = lambda n, p: torch.randn(n, p, 3, generator=gen, dtype=torch.float64)  # noqa: E731
-    small = calm.energy_loss(x(2, P), y(1, P))  # 20k independent draws of the smallest estimator
-    large = calm.energy_loss(x(3000, 1), y(3000, 1)).item()  # one estimate from 3000 + 3000 samples
+    small = calm_heads.energy_loss(x(2, P), y(1, P))  # 20k independent draws of the smallest estimator
+    large = calm_heads.energy_loss(x(3000, 1), y(3000, 1)).item()  # one estimate from 3000 + 3000 samples
     assert abs(small.mean().item() - large) < 4 * small.std().item() / math.sqrt(P)
 
 
@@ -134,7 +134,7 @@ def fit_toy_head(kind, steps=400):
     torch.manual_seed(0)
     means = torch.tensor([[1.0, -1.0], [-2.0, 0.5]])
     chol = torch.tensor([[[0.5, 0.0], [0.3, 0.4]], [[0.3, 0.0], [-0.2, 0.6]]])
-    head = calm.make_head(2, SimpleNamespace(head=kind, head_dim=64, latent_dim=2, head_layers=2, noise_size=8,
+    head = calm_heads.make_head(2, SimpleNamespace(head=kind, head_dim=64, latent_dim=2, head_layers=2, noise_size=8,
                                               flow_steps=10, diffusion_steps=100))
     opt = torch.optim.AdamW(head.parameters(), lr=2e-3)
     losses = []
@@ -143,7 +143,7 @@ def fit_toy_head(kind, steps=400):
         h = F.one_hot(c, 2).float()
         z = means[c] + (chol[c] @ torch.randn(8, 128, 2, 1)).squeeze(-1)   # (8, 128, 2) target samples
         if kind == "energy":
-            loss = calm.energy_loss(head(h, 8), z).mean()
+            loss = calm_heads.energy_loss(head(h, 8), z).mean()
         else:
             loss = head.loss(h, z).mean()
         opt.zero_grad()
@@ -242,11 +242,12 @@ def test_calm_trains_samples_and_refuses_other_objectives(ae_ckpt, tmp_path, cap
                                  "--n_layer", "2", "--n_embd", "32", "--n_head", "2"])
     assert metrics["ae_recon_acc"] >= 0.99 and math.isfinite(metrics["val_loss"])
     assert "sample:" in capsys.readouterr().out
-    sample.main(["--ckpt", str(out / "ckpt.pt"), "--prompt", "ROMEO:", "--max_new_tokens", "9", "--temperature",
-                 "0.5"])
-    assert capsys.readouterr().out.startswith("ROMEO:")
-    err = one_line_error(capsys, sample.main, ["--ckpt", str(out / "ckpt.pt"), "--temperature", "0"])
-    assert "1/n" in err
+    for T, sampler in (("0.5", "batch"), ("0.7", "exact")):  # any T in (0, 1], both samplers
+        sample.main(["--ckpt", str(out / "ckpt.pt"), "--prompt", "ROMEO:", "--max_new_tokens", "9", "--temperature",
+                     T, "--temp_sampler", sampler])
+        assert capsys.readouterr().out.startswith("ROMEO:")
+    for T in ("0", "1.5"):
+        assert "in (0, 1]" in one_line_error(capsys, sample.main, ["--ckpt", str(out / "ckpt.pt"), "--temperature", T])
     err = one_line_error(capsys, train.main, TINY + ["--objective", "autoencoder", "--out_dir", str(out),
                                                      "--resume", "--max_iters", "8"])
     assert "calm" in err
@@ -262,6 +263,30 @@ def test_mismatched_autoencoder_is_a_one_line_error(ae_ckpt, tmp_path, capsys, f
     err = one_line_error(capsys, train.main, TINY + ["--objective", "calm", "--autoencoder", str(ae_ckpt[0]),
                                                      "--out_dir", str(tmp_path), flag, value])
     assert words in err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--flow_steps", "5"], "--flow_steps is a flag of --head flow, not of --head energy"),
+    (["--head", "flow", "--diffusion_steps", "5"], "--diffusion_steps is a flag of --head diffusion"),
+    (["--head", "mse", "--noise_size", "8"], "--noise_size is a flag of --head energy"),
+    (["--head", "flow", "--flow_steps", "0"], "--flow_steps must be at least 1, got 0"),
+    (["--head", "diffusion", "--diffusion_steps", "-2"], "--diffusion_steps must be at least 1"),
+    (["--head", "gan"], "--head must be one of energy, flow, diffusion, mse")])
+def test_bad_head_flags_are_one_line_errors(ae_ckpt, tmp_path, capsys, flags, words):
+    err = one_line_error(capsys, train.main, TINY + ["--objective", "calm", "--autoencoder", str(ae_ckpt[0]),
+                                                     "--out_dir", str(tmp_path)] + flags)
+    assert words in err and not (tmp_path / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("head", ["flow", "diffusion"])
+def test_flow_and_diffusion_heads_train_score_and_sample(ae_ckpt, tmp_path, capsys, head):
+    metrics = train.main(TINY + ["--objective", "calm", "--autoencoder", str(ae_ckpt[0]), "--out_dir", str(tmp_path),
+                                 "--head", head, f"--{head}_steps", "3", "--max_iters", "3", "--eval_interval", "3",
+                                 "--brier_positions", "8", "--n_layer", "1", "--n_embd", "32", "--n_head", "2"])
+    assert math.isfinite(metrics["val_loss"]) and -1 <= metrics["brier1"] <= 1
+    sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--prompt", "ROMEO:", "--max_new_tokens", "8",
+                 "--temperature", "0.6"])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("ROMEO:")
 
 
 def test_k_not_dividing_block_size_is_a_one_line_error(tmp_path, capsys):
