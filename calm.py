@@ -57,9 +57,9 @@ class CALMConfig(AEConfig):
     autoencoder: str = None       # path of a trained autoencoder ckpt; None: <out_dir>/autoencoder, trained if absent
     ae_iters: int = 1000          # iterations when the autoencoder is trained first (100% held-out at K <= 4)
     head: str = "energy"          # 'energy' (the paper), 'flow' / 'diffusion' (calm_heads.py), 'mse' (regression)
-    head_layers: int = 2          # residual blocks of the energy head (paper 4)
-    head_dim: int = 0             # width of the head's blocks; 0: n_embd (the paper's choice)
-    head_lr_scale: float = 1.0    # the head's learning rate = this x --learning_rate (the paper: 1)
+    head_layers: int = 2          # residual blocks of the head (paper 4)
+    head_dim: int = 0             # width of the head's blocks; 0: n_embd // 2 (the recipe; paper: n_embd)
+    head_lr_scale: float = 3.0    # the head's learning rate = this x --learning_rate (the recipe; paper: 1)
     noise_size: int = 32          # uniform noise dimensions (paper 64)
     num_samples: int = 8          # N model samples per position (paper 8)
     num_target_samples: int = 32  # M samples of the autoencoder posterior (paper 100)

@@ -88,7 +88,7 @@ def make_head(d, args):
     """The generative head on the backbone state (d): one sample per call (energy), or steps of a flow/diffusion."""
     if args.head not in HEADS:
         raise UserError(f"--head must be one of {', '.join(HEADS)}, got {args.head!r}")
-    w, l, layers = args.head_dim or d, args.latent_dim, args.head_layers
+    w, l, layers = args.head_dim or d // 2, args.latent_dim, args.head_layers
     if args.head in ("energy", "mse"):
         return EnergyHead(d, w, l, args.noise_size, layers, deterministic=args.head == "mse")
     steps = getattr(args, f"{args.head}_steps")

@@ -83,12 +83,15 @@ def recipe_sweep():
                                                                      head_layers=H, num_samples=N, **const),
                       budget, (0.5, 1.0)) for w, H, N in ((128, 2, 8), (64, 2, 8), (64, 1, 8), (64, 2, 4))]
     head = dict(head_dim=64, head_layers=2, num_samples=8)
-    for lr, kind in ((2e-3, "const"), (5e-4, "const"), (1e-3, "cos")):
+    for lr, kind in ((2e-3, "const"), (5e-4, "const")):
         runs.append(on_budget(f"calm K=4 lr={lr:g} {kind}", flags_for("4x128", "calm", chunk_size=4, **head,
                                                                        **schedule(lr, kind)), budget, (0.5, 1.0)))
-    for lr, scale in ((1e-3, 3.0), (1e-3, 10.0), (2e-3, 3.0)):
-        runs.append(on_budget(f"calm K=4 head lr x{scale:g}" + (f" lr={lr:g}" if lr != 1e-3 else ""), flags_for(
-            "4x128", "calm", chunk_size=4, **head, **schedule(lr, "const"), head_lr_scale=scale), budget, (0.5, 1.0)))
+    for scale, kind in ((3.0, "const"), (10.0, "const"), (3.0, "cos")):
+        runs.append(on_budget(f"calm K=4 head lr x{scale:g}" + (" cos" if kind == "cos" else ""), flags_for(
+            "4x128", "calm", chunk_size=4, **head, **schedule(1e-3, kind), head_lr_scale=scale), budget, (0.5, 1.0)))
+    runs.append(on_budget("calm K=4 head lr x3 latent 16", flags_for("4x128", "calm", chunk_size=4, **head, **const,
+                                                                     head_lr_scale=3.0, latent_dim=16), budget,
+                          (0.5, 1.0)))
     for lr in (1e-3, 3e-3):
         runs.append(on_budget(f"ntp lr={lr:g} cos", flags_for("4x128", "ntp", **schedule(lr, "cos")), budget,
                               (0.5, 1.0)))
@@ -96,11 +99,13 @@ def recipe_sweep():
 
 
 # the recipe (chosen by the sweep above; calm.py's defaults and train.py's `--objective calm` use the same values)
-CALM_RECIPE = dict(chunk_size=4, **schedule(1e-3, "const"))
+CALM_RECIPE = dict(chunk_size=4, **schedule(calm.RECIPE["learning_rate"], "const", calm.RECIPE["warmup_iters"]),
+                   **{k: getattr(calm.CALMConfig, k) for k in ("head_dim", "head_layers", "num_samples",
+                                                              "head_lr_scale")})
 NTP_RECIPE = schedule(1e-3, "cos")
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
-CURVES = {"4x128": dict(ntp_iters=1200, seeds={4: 3, 2: 3, 1: 3}),
-          "6x192": dict(ntp_iters=800, seeds={4: 3, 2: 3, 1: 1}),
+CURVES = {"4x128": dict(ntp_iters=600, seeds={4: 3, 2: 3, 1: 3}),
+          "6x192": dict(ntp_iters=400, seeds={4: 3}),
           "1x32": dict(ntp_iters=8, seeds={4: 2, 1: 1}, fractions=(1 / 2, 1))}  # smoke: the notebook in the tests
 
 
@@ -175,7 +180,7 @@ EXPERIMENTS = {
     "curves_4x128": dict(runs=lambda: curves("4x128"), positions=2048, post=temperature_curve, post_positions=1024,
                          prompts=16, temperatures=TEMPERATURES),
     "curves_6x192": dict(runs=lambda: curves("6x192"), positions=2048),
-    "heads": dict(runs=lambda: head_runs("4x128"), positions=2048, post=head_steps, post_positions=1024,
+    "heads": dict(runs=lambda: head_runs("4x128", 1), positions=2048, post=head_steps, post_positions=1024,
                   prompts=16, steps=STEPS),
     "smoke_curves": dict(runs=lambda: curves("1x32"), post=temperature_curve, temperatures=[1.0, 0.5], **SMOKE),
     "smoke_heads": dict(runs=lambda: head_runs("1x32", 1), post=head_steps, steps={"flow": [1, 2],
@@ -227,15 +232,16 @@ def record(path, name, flags, point=None, post=None):
         os.replace(path + ".tmp", path)
 
 
-def autoencoder(K, work=WORK, ae_iters=None):
+def autoencoder(K, work=WORK, ae_iters=None, latent_dim=None):
     """Path of the shared autoencoder for chunk size K (calm.py's recipe), trained once, under a lock, if missing."""
-    out = os.path.join(work, "autoencoders", f"K{K}")
+    out = os.path.join(work, "autoencoders", f"K{K}" + (f"_l{latent_dim}" if latent_dim else ""))
     path = os.path.join(out, "ckpt.pt")
     with Locked(path):
         if not os.path.exists(path):
             args = SimpleNamespace(**{f.name: f.default for f in fields(calm.CALMConfig)}, device="cpu", seed=1337,
                                    block_size=DATA["block_size"], batch_size=DATA["batch_size"])
             args.chunk_size, args.ae_iters = K, ae_iters or args.ae_iters
+            args.latent_dim = latent_dim or args.latent_dim
             flags = calm.autoencoder_flags(out, args, DATA["dataset"], DATA["tokenizer"])
             if ae_iters:  # smoke: a few iterations, a short evaluation
                 flags.update(block_size=32, eval_iters=1)
@@ -267,7 +273,7 @@ def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WOR
     out_dir = os.path.join(work, exp, re.sub(r"[^\w.=-]+", "_", name))
     flags = dict(flags)
     if flags["objective"] == "calm" and "autoencoder" not in flags:
-        flags["autoencoder"] = autoencoder(flags["chunk_size"], work, spec.get("ae_iters"))
+        flags["autoencoder"] = autoencoder(flags["chunk_size"], work, spec.get("ae_iters"), flags.get("latent_dim"))
     record_flags = {k: v for k, v in flags.items() if k != "autoencoder"}
     ckpt = os.path.join(out_dir, "ckpt.pt")
     at = torch.load(ckpt, weights_only=False)["iter"] if os.path.exists(ckpt) else 0

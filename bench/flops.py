@@ -14,7 +14,7 @@ elementwise work are left out; attention at the full window T, the nanoGPT / PaL
                                  sample x_in, time MLP F -> w -> w, H AdaLN blocks of 5 w^2, output modulation
                                  2 w^2 and projection w l; F = 256 time features)
                     encoder    2 (K A 7.5 a^2 + K a^2 + A 7.5 a^2 + 2 a l)  (frozen, forward only: the targets)
-                    w head width (--head_dim, 0: d), N num_samples, s noise_size, H head_layers, l latent_dim,
+                    w head width (--head_dim, 0: d / 2), N num_samples, s noise_size, H head_layers, l latent_dim,
                     a ae_dim, A ae_layers (7.5 a^2 per SwiGLU layer: up a x 5a, down 2.5a x a); the energy-score
                     distances and the heads' sampling steps (inference only) are left out
   autoencoder       6 (2 K A 7.5 a^2 + 2 K a^2 + 2 A 7.5 a^2 + 2 a l + l a + K a V) / K   (ae_flops, apart)

@@ -46,7 +46,7 @@ def test_mtp_flops_hand_count():
     assert bench.train_flops_per_token(MTP(CFG, 2), 8) == hand
 
 
-def tiny_calm(head="energy", head_dim=0):
+def tiny_calm(head="energy", head_dim=16):
     args = SimpleNamespace(**{f.name: f.default for f in calm.fields(calm.CALMConfig)})
     args.chunk_size, args.latent_dim, args.ae_dim, args.ae_layers = 2, 4, 8, 1
     args.noise_size, args.head_layers, args.head, args.head_dim = 4, 1, head, head_dim
@@ -70,6 +70,7 @@ def test_calm_flops_hand_count():
     narrow = 6 * macs((16, 8)) + 2 * 6 * macs((4, 8), (16, 8), (8, 8), (8, 16), (8, 8), (8, 8), (8, 4))
     assert bench.train_flops_per_token(tiny_calm(head_dim=8), 8, num_samples=2) == \
         (per_chunk - cond - 2 * per_sample + narrow) / 2
+    assert bench.train_flops_per_token(tiny_calm(head_dim=0), 8, 2) == bench.train_flops_per_token(tiny_calm(head_dim=8), 8, 2)
     parts = calm_flops_parts(tiny_calm(head_dim=8), num_samples=2)
     assert parts["head"] == narrow and sum(parts.values()) == per_chunk - cond - 2 * per_sample + narrow
     # the autoencoder's own training: encoder + decoder + tied output projection, per chunk / K
