@@ -211,10 +211,14 @@ class CALM(nn.Module):
         return {k: ([t[:, 1:] for t in v] if isinstance(v, list) else v[:, 1:]) for k, v in collect.items()}
 
     def param_groups(self, groups, args):
-        """train.make_optimizer's hook: the head's parameters get lr_scale = --head_lr_scale."""
-        head = {id(p) for p in self.head.parameters()}
-        return [{**g, "params": ps, "lr_scale": args.head_lr_scale if in_head else 1.0} for g in groups
-                for in_head in (False, True) if (ps := [p for p in g["params"] if (id(p) in head) == in_head])]
+        """train.make_optimizer's hook: each group split in two, the head's part with lr_scale = --head_lr_scale."""
+        head, out = {id(p) for p in self.head.parameters()}, []
+        for g in groups:
+            for in_head, scale in ((False, 1.0), (True, args.head_lr_scale)):
+                ps = [p for p in g["params"] if (id(p) in head) == in_head]
+                if ps:
+                    out.append({**g, "params": ps, "lr_scale": scale})
+        return out
 
     @torch.no_grad()
     def decode_tokens(self, z):
@@ -222,8 +226,9 @@ class CALM(nn.Module):
 
 
 def calm_loss(model, x, y, args):
-    """Sec. 3: energy loss of the next chunk's latent at every chunk position, averaged over positions
-    (--head mse: squared error to the posterior mean, the deterministic ablation)."""
+    """Sec. 3: the head's loss for the next chunk's latent at every chunk position, averaged over positions:
+    energy loss against M posterior samples (the paper), flow / diffusion regression to N posterior samples
+    (calm_heads.py), or squared error to the posterior mean (--head mse, the deterministic ablation)."""
     B, T = x.shape
     C = T // model.K
     inp = model.with_start(model.chunk_inputs(x[:, :T - model.K]))  # start, chunks 0 .. C-2: (B, C, d)
@@ -321,7 +326,8 @@ def autoencoder_flags(out_dir, args, dataset, tokenizer):
     return dict(objective="autoencoder", out_dir=out_dir, dataset=dataset, tokenizer=tokenizer, device=args.device,
                 seed=args.seed, block_size=args.block_size, batch_size=args.batch_size, max_iters=args.ae_iters,
                 eval_interval=args.ae_iters, eval_iters=10, brier_positions=0, sample_tokens=0, warmup_iters=30,
-                learning_rate=3e-3, log_interval=max(1, args.ae_iters // 10), **{k: getattr(args, k) for k in AE_FIELDS})
+                learning_rate=3e-3, log_interval=max(1, args.ae_iters // 10),
+                **{k: getattr(args, k) for k in AE_FIELDS})
 
 
 def build_calm(gcfg, args, data):

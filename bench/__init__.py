@@ -3,6 +3,7 @@
     python -m bench table [--preset tiny|cpu|gpu]      every objective on one table, same data, backbone and FLOPs
     python -m bench mtp memory|speculative|costs       multi-token prediction: memory, accepted tokens, verify cost
     python -m bench calm [--K 4]                       CALM's generation speed against next-token prediction
+    python -m bench calm run|list [EXPERIMENT]         CALM's recipe sweep, curves and head comparison (calm_runs.py)
 
 bench/flops.py holds the one training-FLOPs formula every comparison uses: bench.train_flops_per_token.
 """

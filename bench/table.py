@@ -9,8 +9,9 @@ gets max_iters = round(budget / (its FLOPs per token x batch_size x block_size))
 Each run is trained in `stages` resumed pieces (train.py --resume: the same run as one go) and scored after each,
 which gives BrierLM against training FLOPs (the report's "curve"). Rows: ntp; mtp n=2, n=4 (the heads replace trunk
 blocks, mtp.py); calm K=2, K=4 with calm.py's recipe (calm.RECIPE: its learning rate, constant after warm-up, and
-its head; an autoencoder is trained first, its FLOPs reported apart in ae_flops, not charged to the budget); dispersion with lambda = 0.1 (the best value of tutorials/dispersion.ipynb). An objective that
-fails gets a row that says so; the others still run. Results: out/bench_<preset>[_cuda].json and .csv.
+its head; an autoencoder is trained first, its FLOPs reported apart in ae_flops, not charged to the budget);
+dispersion with lambda = 0.1 (the best value of tutorials/dispersion.ipynb). An objective that fails gets a row that
+says so; the others still run. Results: out/bench_<preset>[_cuda].json and .csv.
 
 Columns
   params          trainable parameters (CALM: not counting its frozen autoencoder)

@@ -70,7 +70,8 @@ def test_calm_flops_hand_count():
     narrow = 6 * macs((16, 8)) + 2 * 6 * macs((4, 8), (16, 8), (8, 8), (8, 16), (8, 8), (8, 8), (8, 4))
     assert bench.train_flops_per_token(tiny_calm(head_dim=8), 8, num_samples=2) == \
         (per_chunk - cond - 2 * per_sample + narrow) / 2
-    assert bench.train_flops_per_token(tiny_calm(head_dim=0), 8, 2) == bench.train_flops_per_token(tiny_calm(head_dim=8), 8, 2)
+    assert bench.train_flops_per_token(tiny_calm(head_dim=0), 8, 2) == \
+        bench.train_flops_per_token(tiny_calm(head_dim=8), 8, 2)  # --head_dim 0: half the backbone's width
     parts = calm_flops_parts(tiny_calm(head_dim=8), num_samples=2)
     assert parts["head"] == narrow and sum(parts.values()) == per_chunk - cond - 2 * per_sample + narrow
     # the autoencoder's own training: encoder + decoder + tied output projection, per chunk / K

@@ -168,11 +168,22 @@ def test_heads_learn_a_conditional_2d_gaussian(kind):
 
 # ----------------------------------------------------------------------------- the model
 
-def tiny_model(K=4, block_size=32):
+def tiny_model(K=4, block_size=32, head="energy"):
     args = SimpleNamespace(**{f.name: f.default for f in calm.fields(calm.CALMConfig)})
-    args.chunk_size, args.latent_dim, args.ae_dim = K, 8, 32
+    args.chunk_size, args.latent_dim, args.ae_dim, args.head = K, 8, 32, head
     torch.manual_seed(0)
     return calm.CALM(GPTConfig(block_size=block_size, vocab_size=256, n_layer=2, n_head=2, n_embd=32), args), args
+
+
+def test_the_head_gets_its_own_learning_rate():
+    model, args = tiny_model()
+    args.head_lr_scale, args.learning_rate, args.weight_decay, args.beta1, args.beta2 = 3.0, 1e-3, 0.1, 0.9, 0.95
+    groups = train.make_optimizer(model, args, "cpu").param_groups
+    head = {id(p) for p in model.head.parameters()}
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    for g in groups:
+        in_head = {id(p) in head for p in g["params"]}
+        assert len(in_head) == 1 and g["lr_scale"] == (3.0 if in_head.pop() else 1.0)
 
 
 def test_k_must_divide_block_size():
@@ -327,14 +338,18 @@ def test_calm_without_autoencoder_trains_one_then_reuses_it(tmp_path, capsys):
     assert len(capsys.readouterr().out) > 0  # an autoencoder "generates" its round trip of the prompt
 
 
-def test_calm_loss_runs_on_a_plain_autoencoder_and_with_the_mse_head():
-    model, args = tiny_model()
+def test_calm_loss_runs_on_a_plain_autoencoder_and_with_every_head():
     x = torch.randint(256, (2, 32))
-    for variational, head in ((False, "energy"), (True, "mse")):
-        args.variational, model.head_kind = variational, head
+    for variational, head in ((False, "energy"), (True, "mse"), (True, "flow"), (True, "diffusion")):
+        model, args = tiny_model(head=head)
+        args.variational = variational
         loss, _ = calm.calm_loss(model, x, None, args)
         assert loss.ndim == 0 and torch.isfinite(loss)
         loss.backward()
+        assert all(p.grad is not None for p in model.head.parameters() if p.requires_grad)
+    mse = tiny_model(head="mse")[0].eval()  # the regression head is deterministic: every sample is the same
+    h = torch.randn(3, 32)
+    assert torch.equal(mse.head(h, 5)[0], mse.head(h, 5)[4])
 
 
 def test_calm_objectives_default_to_the_byte_tokenizer(tmp_path):
