@@ -128,20 +128,20 @@ def test_temperature_outside_zero_one_is_a_user_error(T):
 
 # ----------------------------------------------------------------------------- the generative heads on a 2-D toy
 
-def fit_toy_head(kind, steps=400):
+def fit_toy_head(kind, steps=300):
     """Two conditions h, each with its own 2-D Gaussian target (known mean and covariance); train the head for
     `steps` Adam steps, return (first loss, last loss, {condition: samples})."""
     torch.manual_seed(0)
     means = torch.tensor([[1.0, -1.0], [-2.0, 0.5]])
     chol = torch.tensor([[[0.5, 0.0], [0.3, 0.4]], [[0.3, 0.0], [-0.2, 0.6]]])
     head = calm_heads.make_head(2, SimpleNamespace(head=kind, head_dim=64, latent_dim=2, head_layers=2, noise_size=8,
-                                              flow_steps=10, diffusion_steps=100))
+                                                   flow_steps=10, diffusion_steps=50))
     opt = torch.optim.AdamW(head.parameters(), lr=2e-3)
     losses = []
     for _ in range(steps):
-        c = torch.randint(2, (128,))
+        c = torch.randint(2, (64,))
         h = F.one_hot(c, 2).float()
-        z = means[c] + (chol[c] @ torch.randn(8, 128, 2, 1)).squeeze(-1)   # (8, 128, 2) target samples
+        z = means[c] + (chol[c] @ torch.randn(8, 64, 2, 1)).squeeze(-1)    # (8, 64, 2) target samples
         if kind == "energy":
             loss = calm_heads.energy_loss(head(h, 8), z).mean()
         else:
@@ -151,14 +151,14 @@ def fit_toy_head(kind, steps=400):
         opt.step()
         losses.append(loss.item())
     with torch.no_grad():
-        samples = {i: head(torch.eye(2)[i], 4000, torch.Generator().manual_seed(i)) for i in range(2)}
+        samples = {i: head(torch.eye(2)[i], 2000, torch.Generator().manual_seed(i)) for i in range(2)}
     return sum(losses[:20]) / 20, sum(losses[-20:]) / 20, samples, means, chol @ chol.transpose(1, 2)
 
 
-@pytest.mark.parametrize("kind", ["flow", "diffusion", "energy"])
+@pytest.mark.parametrize("kind", ["flow", "diffusion"])
 def test_heads_learn_a_conditional_2d_gaussian(kind):
     """Loss falls; samples match each condition's mean within 0.15 and covariance within 0.1 per entry (the
-    covariance entries are 0.09 - 0.4; 4000 samples estimate them to ~0.01)."""
+    covariance entries are 0.09 - 0.4; 2000 samples estimate them to ~0.01)."""
     first, last, samples, means, covs = fit_toy_head(kind)
     assert last < 0.8 * first
     for i, s in samples.items():
