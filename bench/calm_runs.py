@@ -156,9 +156,9 @@ TEMPERATURES = [1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25]
 
 
 def temperature_curve(name, spec):
-    """After training (the last NTP and CALM K = 4): quality and diversity of samples across T (CALM: the batch
-    sampler at every T, the exact one at T = 0.8 and 0.5)."""
-    if not (name == "ntp 1" or name.startswith("calm K=4")):
+    """After training (the last NTP; CALM K = 4 seeds 0 and 1): quality and diversity of samples across T (CALM:
+    the batch sampler at every T, the exact one at T = 0.8 and 0.5)."""
+    if name not in ("ntp 1", "calm K=4 seed 0", "calm K=4 seed 1"):
         return None
 
     def measure(model, args, data):
