@@ -74,9 +74,10 @@ def on_budget(name, flags, budget, fractions=(0.25, 0.5, 1.0)):
 
 
 def recipe_sweep():
-    """The sweep behind the recipe, at 4 x 128, K = 4, each run scored at 3.5e12 and 7e12 training FLOPs (300 and
-    600 NTP iterations): the head's width w / blocks H / samples N at lr 1e-3 constant, then the learning rate and
-    schedule, then the head's own learning rate; NTP's learning rate beside it."""
+    """The sweep behind the recipe, at 4 x 128, K = 4, each run scored at 3.5e12 and 7e12 training FLOPs (what 300
+    and 600 NTP iterations spend): the head's width w / blocks H / samples N at lr 1e-3 constant; then, with the
+    w = 64, H = 2, N = 8 head, the learning rate, the head's own learning rate (x3, x10), the schedule (cosine to
+    lr / 10) and a smaller latent (16, its own autoencoder); NTP's learning rate beside it (cosine, its default)."""
     budget = ntp_flops("4x128", 600)
     const = schedule(1e-3, "const")
     runs = [on_budget(f"calm K=4 head w={w} H={H} N={N}", flags_for("4x128", "calm", chunk_size=4, head_dim=w,
@@ -110,7 +111,7 @@ CURVES = {"4x128": dict(ntp_iters=600, seeds={4: 3, 2: 3, 1: 3}),
 
 
 def curves(size):
-    """NTP and CALM K = 1, 2, 4 at one backbone size, on the budget of CURVES[size]['ntp_iters'] NTP iterations.
+    """NTP and CALM (K and seeds: CURVES[size]) at one backbone size, on the budget of ntp_iters NTP iterations.
     CALM (constant rate) is scored at 1/8, 1/4, 1/2 and all of it along one run per seed; NTP (cosine) gets one
     run per budget, each annealed to its end, so that every NTP point is its best at that compute."""
     c = CURVES[size]
