@@ -1,9 +1,10 @@
 """CALM: Continuous Autoregressive Language Models (Shao, Li, Meng, Zhou, arXiv 2510.27688, 2025).
 Paper note: ../shared/papers/calm.md. One step predicts one continuous vector that stands for K tokens.
+This file: the autoencoder, the model over chunks, its training loss and generation; calm_heads.py: the generative
+heads (the paper's energy head, flow matching and diffusion for its comparison) and likelihood-free temperature.
 
-    python train.py --objective autoencoder --tokenizer bytes --chunk_size 4     # K tokens <-> one latent vector
-    python train.py --objective calm --tokenizer bytes                           # trains/reuses an autoencoder first
-    python sample.py --ckpt out/calm/ckpt.pt --prompt "ROMEO:" --temperature 1   # T must be 1/n (0.5, 0.333.., ...)
+    python train.py --objective calm                                # autoencoder first (or reused), then CALM
+    python sample.py --ckpt out/calm/ckpt.pt --prompt "ROMEO:" --temperature 0.7   # any T in (0, 1]
 
 Paper -> code
   sec. 2  autoencoder, context-free (each K-chunk alone)   Autoencoder.encode / .decode (residual SwiGLU MLPs)
@@ -12,29 +13,30 @@ Paper -> code
           robustness: accuracy with Gaussian noise on z    ae_evaluate (recon_acc, recon_acc_noisy)
   sec. 3  backbone over chunks; input = the previous chunk's K tokens, embedded and compressed
           Linear(K d -> 2d) -> SiLU -> Linear(2d -> d) -> LayerNorm                           CALM.chunk_inputs
-          energy head: noise + condition -> latent in one pass (residual MLP blocks)          EnergyHead
-          energy loss (negative energy score, strictly proper for alpha in (0, 2))            energy_loss
+          generative head on the backbone state: energy (one pass), flow, diffusion         calm_heads.make_head
+          energy loss against M samples of the frozen posterior; flow / diffusion losses     calm_loss
   sec. 4  BrierLM: brierlm.py, through draw() below (samples only, never probabilities)
-  sec. 5  likelihood-free temperature: exact rejection for T = 1/n                            sample_exact
-          approximate batch version (what generation uses)                                    sample_batch
+  sec. 5  likelihood-free temperature, exact (calm_heads.sample_exact) or batch (sample_batch)   next_chunks
   ablation: deterministic regression head (--head mse)                                         calm_loss
 
-Defaults are scaled down for a 2-core CPU; the paper uses latent_dim 128, ae_dim 512, ae_layers 2, noise_size 64,
-head_layers 4, N = 8 model samples, M = 100 target samples, alpha = 1, kl_weight 1e-3, kl_clip 0.5, p = 0.15.
+Defaults are scaled down for a 2-core CPU (the recipe: README, bench/calm_runs.py); the paper uses latent_dim 128,
+ae_dim 512, ae_layers 2, noise_size 64, head_layers 4 at the backbone's width, N = 8 model samples, M = 100 target
+samples, alpha = 1, kl_weight 1e-3, kl_clip 0.5, p = 0.15, and a constant learning rate after warm-up.
 Our additions: a learned start vector is the first backbone input (predicts chunk 0, so every position of a
 window is trained); prompts are left-padded with token 0 to a multiple of K.
 """
 import math
 import os
 import sys
-from collections import Counter
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import calm_heads
 from gpt import GPT, GPTConfig, KVCache, UserError
+from runtime import load_checkpoint
 
 
 @dataclass
@@ -54,13 +56,17 @@ class AEConfig:
 @dataclass
 class CALMConfig(AEConfig):
     autoencoder: str = None       # path of a trained autoencoder ckpt; None: <out_dir>/autoencoder, trained if absent
-    ae_iters: int = 600           # iterations when the autoencoder is trained first
-    head: str = "energy"          # 'energy' (the paper) or 'mse' (deterministic regression ablation)
-    head_layers: int = 2          # residual blocks of the energy head (paper 4)
+    ae_iters: int = 1000          # iterations when the autoencoder is trained first (100% held-out at K <= 4)
+    head: str = "energy"          # 'energy' (the paper), 'flow' / 'diffusion' (calm_heads.py), 'mse' (regression)
+    head_layers: int = 2          # residual blocks of the head (paper 4)
+    head_dim: int = 0             # width of the head's blocks; 0: n_embd // 2 (the recipe; paper: n_embd)
+    head_lr_scale: float = 3.0    # the head's learning rate = this x --learning_rate (the recipe; paper: 1)
     noise_size: int = 32          # uniform noise dimensions (paper 64)
     num_samples: int = 8          # N model samples per position (paper 8)
     num_target_samples: int = 32  # M samples of the autoencoder posterior (paper 100)
     alpha: float = 1.0            # energy-score exponent, in (0, 2)
+    flow_steps: int = 10          # --head flow: midpoint steps per sample (2 network calls each; authors 10)
+    diffusion_steps: int = 100    # --head diffusion: respaced DDPM steps per sample (authors 100)
     temp_sampler: str = "batch"   # 'batch' (approximate, paper's generation) or 'exact' (rejection)
     temp_candidates: int = 200    # candidates of the batch sampler (paper 200)
 
@@ -171,53 +177,6 @@ def build_ae(gcfg, args, data):
     return Autoencoder(gcfg.vocab_size, args)
 
 
-# ----------------------------------------------------------------------------- the energy head and loss (sec. 3)
-
-class HeadBlock(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(2 * d, d), nn.SiLU(), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 2 * d))
-        self.down = nn.Linear(d, d)
-
-    def forward(self, x, c):
-        g, v = self.mlp(torch.cat([self.norm(x), c], dim=-1)).chunk(2, dim=-1)
-        return x + self.down(F.silu(g) * v)
-
-
-class EnergyHead(nn.Module):
-    """h (..., d) and uniform noise -> one latent sample (..., l) per forward pass (no diffusion steps)."""
-
-    def __init__(self, d, l, noise_size, n_layers):
-        super().__init__()
-        self.noise_size = noise_size
-        self.noise_in, self.cond_in = nn.Sequential(nn.Linear(noise_size, d), nn.LayerNorm(d)), \
-            nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
-        self.blocks = nn.ModuleList([HeadBlock(d) for _ in range(n_layers)])
-        self.out = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.SiLU(), nn.Linear(d, l))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
-
-    def forward(self, h, n, generator=None, deterministic=False):
-        """n samples for every condition: (n, ..., l). deterministic: noise fixed at 0 (the MSE head)."""
-        u = torch.rand(n, *h.shape[:-1], self.noise_size, generator=generator, device=h.device) - 0.5
-        x, c = self.noise_in(u * (not deterministic)), self.cond_in(h).expand(n, *h.shape)
-        for block in self.blocks:
-            x = block(x, c)
-        return self.out(x)
-
-
-def energy_loss(x, y, alpha=1.0):
-    """Negative energy score, unbiased: x (N, P, l) model samples, y (M, P, l) target samples -> (P,)
-    2/(NM) sum_nm |x_n - y_m|^a - 1/(N(N-1)) sum_{n != n'} |x_n - x_n'|^a   (strictly proper for a in (0, 2))."""
-    N = x.size(0)
-    dist = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1).clamp_min(1e-12) ** (alpha / 2)  # noqa: E731
-    fit = dist(x, y).mean((0, 1))                                    # (P,) E|X - Y|^a
-    off_diagonal = ~torch.eye(N, dtype=torch.bool, device=x.device)  # pairs n != n'
-    spread = dist(x, x)[off_diagonal].sum(0) / (N * (N - 1))         # (P,) E|X - X'|^a
-    return 2 * fit - spread
-
-
 # ----------------------------------------------------------------------------- the CALM model
 
 class CALM(nn.Module):
@@ -225,12 +184,10 @@ class CALM(nn.Module):
         super().__init__()
         K, d = chunk_size(args, gcfg.block_size), gcfg.n_embd
         self.K, self.head_kind = K, args.head
-        if args.head not in ("energy", "mse"):
-            raise UserError(f"--head must be 'energy' or 'mse', got {args.head!r}")
         self.backbone = GPT(GPTConfig(**{**gcfg.__dict__, "block_size": gcfg.block_size // K}))  # over chunks
         self.compress = nn.Sequential(nn.Linear(K * d, 2 * d), nn.SiLU(), nn.Linear(2 * d, d), nn.LayerNorm(d))
         self.start = nn.Parameter(torch.randn(d) * 0.02)
-        self.head = EnergyHead(d, args.latent_dim, args.noise_size, args.head_layers)
+        self.head = calm_heads.make_head(d, args)
         self.ae = Autoencoder(gcfg.vocab_size, args).requires_grad_(False)  # frozen
         self.n_chunks = gcfg.block_size // K
 
@@ -254,14 +211,25 @@ class CALM(nn.Module):
         collect["final"] = self.backbone.body(x, 0, None, collect)
         return {k: ([t[:, 1:] for t in v] if isinstance(v, list) else v[:, 1:]) for k, v in collect.items()}
 
+    def param_groups(self, groups, args):
+        """train.make_optimizer's hook: each group split in two, the head's part with lr_scale = --head_lr_scale."""
+        head, out = {id(p) for p in self.head.parameters()}, []
+        for g in groups:
+            for in_head, scale in ((False, 1.0), (True, args.head_lr_scale)):
+                ps = [p for p in g["params"] if (id(p) in head) == in_head]
+                if ps:
+                    out.append({**g, "params": ps, "lr_scale": scale})
+        return out
+
     @torch.no_grad()
     def decode_tokens(self, z):
         return self.ae.decode(z).argmax(-1)                          # (..., K)
 
 
 def calm_loss(model, x, y, args):
-    """Sec. 3: energy loss of the next chunk's latent at every chunk position, averaged over positions
-    (--head mse: squared error to the posterior mean, the deterministic ablation)."""
+    """Sec. 3: the head's loss for the next chunk's latent at every chunk position, averaged over positions:
+    energy loss against M posterior samples (the paper), flow / diffusion regression to N posterior samples
+    (calm_heads.py), or squared error to the posterior mean (--head mse, the deterministic ablation)."""
     B, T = x.shape
     C = T // model.K
     inp = model.with_start(model.chunk_inputs(x[:, :T - model.K]))  # start, chunks 0 .. C-2: (B, C, d)
@@ -269,65 +237,32 @@ def calm_loss(model, x, y, args):
     with torch.no_grad():                                             # targets from the frozen posterior
         mu, log_sigma = model.ae.encode(x.view(B, C, model.K))       # (B, C, l)
     if model.head_kind == "mse":
-        pred = model.head(h, 1, deterministic=True)[0]               # one deterministic vector
+        pred = model.head(h, 1)[0]                                   # one deterministic vector
         loss = ((pred - mu) ** 2).sum(-1).mean()
         return loss, {"mse": loss.item()}
-    xs = model.head(h, args.num_samples)                             # (N, B, C, l)
-    eps = torch.randn(args.num_target_samples, *mu.shape, device=x.device)
     sigma = log_sigma.exp() if args.variational else torch.zeros_like(mu)  # a plain AE's "posterior" is mu
-    ys = mu + sigma * eps                                            # (M, B, C, l) posterior samples
-    loss = energy_loss(xs.flatten(1, 2), ys.flatten(1, 2), args.alpha).mean()
+    posterior = lambda m: mu + sigma * torch.randn(m, *mu.shape, device=x.device)  # noqa: E731 (m, B, C, l)
+    if model.head_kind != "energy":                                  # flow / diffusion: N regression targets
+        return model.head.loss(h, posterior(args.num_samples)).mean(), {}
+    xs = model.head(h, args.num_samples)                             # (N, B, C, l)
+    ys = posterior(args.num_target_samples)                          # (M, B, C, l)
+    loss = calm_heads.energy_loss(xs.flatten(1, 2), ys.flatten(1, 2), args.alpha).mean()
     return loss, {}
-
-
-# ----------------------------------------------------------------------------- temperature (sec. 5)
-
-def temperature_power(T):
-    """T = 1/n -> n; anything else is a one-line error (non-integer 1/T needs a Bernoulli factory: not here)."""
-    if T is None or T <= 0 or T > 1 or abs(1 / T - round(1 / T)) > 1e-3:
-        raise UserError(f"CALM temperature must be 1/n for an integer n >= 1 (1, 0.5, 0.333..), got {T}")
-    return round(1 / T)
-
-
-def sample_exact(draw, n, max_rounds=10000, batch=64):
-    """Exact sample from p^n / sum p^n with a black-box sampler draw(m) -> (m, K): draw n samples, accept when
-    all n are identical, else retry. Cost: 1 / sum_x p(x)^n rounds of n draws. None after max_rounds."""
-    for _ in range(0, max_rounds, batch):
-        s = draw(batch * n).view(batch, n, -1)                       # (rounds, n, K)
-        ok = (s == s[:, :1]).all(-1).all(-1).nonzero()
-        if len(ok):
-            return s[ok[0, 0], 0]
-    return None
-
-
-def sample_batch(draw, n, candidates=200, generator=None):
-    """Approximate version: draw `candidates` samples once; for m = n .. 1, among distinct values seen >= m times
-    pick one with weight C(count, m) (its number of accepted m-subsets). Cost: one batch of candidates."""
-    s = draw(candidates)                                             # (N, K)
-    counts = Counter(tuple(r) for r in s.tolist())
-    for m in range(n, 0, -1):
-        keep = [(v, math.comb(c, m)) for v, c in counts.items() if c >= m]
-        if keep:
-            w = torch.tensor([float(c) for _, c in keep])
-            i = torch.multinomial(w / w.sum(), 1, generator=generator).item()
-            return torch.tensor(keep[i][0], device=s.device)
 
 
 # ----------------------------------------------------------------------------- generation
 
 @torch.no_grad()
 def next_chunks(model, h, generator=None, temperature=1.0, sampler="batch", candidates=200):
-    """One K-token chunk per row of h (B, d): head sample -> decoder argmax. Temperature 1/n: 'exact' rejection
-    (falls back to 'batch' after 10k rounds without agreement) or the 'batch' approximation, per row."""
-    deterministic = model.head_kind == "mse"
-    n = temperature_power(temperature)
-    if n == 1:
-        return model.decode_tokens(model.head(h, 1, generator, deterministic)[0])     # (B, K)
+    """One K-token chunk per row of h (B, d): head sample -> decoder argmax. Temperature T < 1, per row: 'exact'
+    (falls back to 'batch' after 200k draws without acceptance) or the 'batch' approximation."""
+    if calm_heads.temperature_split(temperature) == (1, 0.0):
+        return model.decode_tokens(model.head(h, 1, generator)[0])  # (B, K)
     out = []
     for row in h:
-        draw = lambda m: model.decode_tokens(model.head(row, m, generator, deterministic))  # noqa: E731 (m, K)
-        chunk = sample_exact(draw, n) if sampler == "exact" else None
-        out.append(chunk if chunk is not None else sample_batch(draw, n, candidates, generator))
+        draw = lambda m: model.decode_tokens(model.head(row, m, generator))  # noqa: E731 (m, K)
+        chunk = calm_heads.sample_exact(draw, temperature, generator) if sampler == "exact" else None
+        out.append(chunk if chunk is not None else calm_heads.sample_batch(draw, temperature, candidates, generator))
     return torch.stack(out)
 
 
@@ -349,7 +284,7 @@ def generate_chunks(model, idx, n_chunks, generator=None, temperature=1.0, sampl
 
 def calm_generate(model, idx, args, generator=None):
     """sample.py / train.py: args.max_new_tokens tokens after idx (1, T), vector by vector; top_k is ignored."""
-    temperature_power(args.temperature)
+    calm_heads.temperature_split(args.temperature)
     if args.temperature < 1 and args.temp_sampler not in ("batch", "exact"):
         raise UserError(f"--temp_sampler must be 'batch' or 'exact', got {args.temp_sampler!r}")
     pad = (-idx.size(1)) % model.K                                   # left-pad the prompt to a multiple of K
@@ -372,7 +307,6 @@ def calm_draw(model, ctx, n_tokens, generator, args, temperature=1.0):
 
 def load_autoencoder(path, args, tokenizer_name):
     """An autoencoder checkpoint's weights and args; mismatched K, latent dim or tokenizer is a UserError."""
-    from train import load_checkpoint
     ckpt = load_checkpoint(path)
     if ckpt.get("objective") != "autoencoder":
         raise UserError(f"{path} is a {ckpt.get('objective')!r} checkpoint, not an autoencoder")
@@ -383,25 +317,45 @@ def load_autoencoder(path, args, tokenizer_name):
     return ckpt
 
 
+HEAD_FLAGS = {"flow_steps": "flow", "diffusion_steps": "diffusion", "noise_size": "energy",
+              "num_target_samples": "energy", "alpha": "energy"}  # flags that only one head reads
+
+
+def autoencoder_flags(out_dir, args, dataset, tokenizer):
+    """train.py flags of the autoencoder CALM trains first (bench/ trains its autoencoders with the same ones)."""
+    return dict(objective="autoencoder", out_dir=out_dir, dataset=dataset, tokenizer=tokenizer, device=args.device,
+                seed=args.seed, block_size=args.block_size, batch_size=args.batch_size, max_iters=args.ae_iters,
+                eval_interval=args.ae_iters, eval_iters=10, brier_positions=0, sample_tokens=0, warmup_iters=30,
+                learning_rate=3e-3, log_interval=max(1, args.ae_iters // 10),
+                **{k: getattr(args, k) for k in AE_FIELDS})
+
+
+def default_autoencoder(args):
+    return os.path.join(args.out_dir, "autoencoder", "ckpt.pt")
+
+
+def calm_prepare(args, data):
+    """train.py's hook, before build: the autoencoder to train first (none when --autoencoder names one)."""
+    if args.autoencoder is not None:
+        return []
+    path = default_autoencoder(args)
+    flags = autoencoder_flags(os.path.dirname(path), args, data.name, data.tokenizer.name)
+    return [("the autoencoder (no --autoencoder given)", path, [s for k, v in flags.items() for s in (f"--{k}", str(v))])]
+
+
 def build_calm(gcfg, args, data):
     chunk_size(args)
+    for flag, head in HEAD_FLAGS.items():
+        if flag in getattr(args, "typed", ()) and args.head != head:
+            raise UserError(f"--{flag} is a flag of --head {head}, not of --head {args.head}")
+    if "min_lr" not in getattr(args, "typed", {"min_lr"}):
+        args.min_lr = args.learning_rate  # the authors' schedule: constant after warm-up (unless --min_lr is given)
     if data is None or getattr(args, "resume", False):               # sample.py / resume: weights come from ckpt
         return CALM(gcfg, args)
-    path = args.autoencoder
-    if path is None:
-        path = os.path.join(args.out_dir, "autoencoder", "ckpt.pt")
-        if os.path.exists(path):
-            print(f"calm: reusing the autoencoder at {path}")
-        else:
-            print(f"calm: no --autoencoder given: training one first ({args.ae_iters} iterations) into {path}")
-            import train
-            flags = dict(objective="autoencoder", out_dir=os.path.dirname(path), dataset=data.name,
-                         tokenizer=data.tokenizer.name, device=args.device, seed=args.seed, block_size=args.block_size,
-                         batch_size=args.batch_size, max_iters=args.ae_iters, eval_interval=args.ae_iters,
-                         eval_iters=args.eval_iters, brier_positions=0, sample_tokens=0, warmup_iters=30,
-                         learning_rate=3e-3, log_interval=max(1, args.ae_iters // 10),
-                         **{k: getattr(args, k) for k in AE_FIELDS})
-            train.main([s for k, v in flags.items() for s in (f"--{k}", str(v))])
+    path = args.autoencoder or default_autoencoder(args)
+    if not os.path.exists(path):
+        raise UserError(f"no autoencoder at {path}: train one with --objective autoencoder, or leave out "
+                        f"--autoencoder and train.py trains one there first")
     ckpt = load_autoencoder(path, args, data.tokenizer.name)
     for k in AE_FIELDS:                                              # the CALM ckpt describes the AE inside it
         setattr(args, k, ckpt["args"][k])
@@ -430,53 +384,16 @@ def ae_generate(model, idx, args, generator=None):
     return model.decode(model.encode(chunks)[0]).argmax(-1).flatten(1)[:, pad:]
 
 
-# ----------------------------------------------------------------------------- measurements for the tutorial
-
-def sampler_at(model, temperature):
-    """A draw() for brierlm at a temperature: CALM's likelihood-free sampler, or softmax(logits / T) for a GPT."""
-    if isinstance(model, CALM):
-        return lambda m, ctx, n, gen, args: calm_draw(m, ctx, n, gen, args, temperature)
-    return lambda m, ctx, n, gen, args: m.generate(ctx, n, temperature=temperature, generator=gen)[:, -n:]
-
-
-def brier_scores(model, data, args, n_positions=256, temperature=1.0, seed=0):
-    """Brier-1..4 and BrierLM of any model here (brierlm.py, two samples per position)."""
-    import brierlm
-    est = brierlm.brier_eval(model, {"draw": sampler_at(model, temperature)}, data, args, n_positions, seed)
-    return brierlm.summarize(est["sampled"])
-
-
-@torch.no_grad()
-def distinct_ngrams(model, data, args, temperature=1.0, n_prompts=16, length=32, n=2, seed=0):
-    """Diversity: distinct n-grams / all n-grams over `length`-token continuations of fixed val prompts."""
-    gen = torch.Generator().manual_seed(seed)
-    ctx = data.get_batch("val", n_prompts, 16, gen)[0]             # the same prompts for every model
-    out = sampler_at(model, temperature)(model, ctx.to(next(model.parameters()).device), length, gen, args)
-    grams = [tuple(row[i:i + n]) for row in out.tolist() for i in range(len(row) - n + 1)]
-    return len(set(grams)) / len(grams)
-
-
-@torch.no_grad()
-def generation_speed(model, n_tokens=128, repeats=5):
-    """(backbone steps per generated token, tokens/s) for batch-1 generation with the KV cache (best of repeats)."""
-    import time
-    K = model.K if isinstance(model, CALM) else 1
-    prompt = torch.zeros(1, K, dtype=torch.long, device=next(model.parameters()).device)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        if K > 1 or isinstance(model, CALM):
-            generate_chunks(model, prompt, n_tokens // K)
-        else:
-            model.generate(prompt, n_tokens, temperature=1.0)
-        best = min(best, time.perf_counter() - t)
-    return 1 / K, n_tokens // K * K / best
-
+# `python train.py --objective calm` at --preset cpu (the default): the recipe chosen by bench/calm_runs.py's sweep
+# (README, CALM), with CALMConfig's head and a constant learning rate after warm-up (build_calm); 1358 iterations of
+# 16 x 128 bytes spend 7e12 training FLOPs, what 600 iterations of the same-size NTP model spend
+RECIPE = dict(learning_rate=1e-3, warmup_iters=100, batch_size=16, max_iters=1358, eval_interval=679,
+              brier_positions=512)
 
 OBJECTIVES = {
     "autoencoder": dict(config=AEConfig, build=build_ae, loss=ae_loss, evaluate=ae_evaluate, generate=ae_generate,
                         default_tokenizer="bytes"),
     "calm": dict(config=CALMConfig, build=build_calm, loss=calm_loss, evaluate=calm_evaluate,
-                 generate=calm_generate, draw=calm_draw, default_temperature=1.0,
-                 default_tokenizer="bytes"),
+                 generate=calm_generate, draw=calm_draw, prepare=calm_prepare, default_temperature=1.0,
+                 default_tokenizer="bytes", presets={"cpu": RECIPE}),
 }

@@ -79,9 +79,11 @@ NUMBER_RULES = {
     **dict.fromkeys(["batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
                      "block_size", "n_layer", "n_head", "n_embd", "max_new_tokens", "top_k", "num_samples",
                      "n_future", "chunk_size", "latent_dim", "ae_dim", "ae_iters", "noise_size",
-                     "num_target_samples", "temp_candidates"], AT_LEAST_1),
+                     "num_target_samples", "temp_candidates", "flow_steps", "diffusion_steps",
+                     "head_layers"], AT_LEAST_1),
     **dict.fromkeys(["dropout", "beta1", "beta2", "latent_dropout", "mask_prob"], ("in [0, 1)", lambda v: 0 <= v < 1)),
     "positions": ("at least 2 (a standard error needs two)", lambda v: v >= 2),
+    "head_lr_scale": ("> 0", lambda v: v > 0),
     "seed": ("in 0 .. 2**32 - 1", lambda v: 0 <= v < 2 ** 32),
     "alpha": ("in (0, 2) (the energy score is strictly proper there)", lambda v: 0 < v < 2),
 }

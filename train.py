@@ -14,8 +14,12 @@ NTP in runtime.py, which also finds objectives by name, saves and loads checkpoi
   generate(model, idx, args, generator) -> idx    sample args.max_new_tokens tokens after idx (1, T)
   default_temperature                             optional: sampling temperature when none is given (0.8)
   default_tokenizer                               optional: tokenizer when none is given (gpt2)
+  presets                                         optional: {preset: {flag: default}}, the objective's own
+                                                  defaults per --preset (CALM's recipe), over PRESETS
   draw(model, ctx, n_tokens, generator, args)     optional: (B, n_tokens) sampled continuations of ctx (B, T),
                                                   what BrierLM needs (default: generate at temperature 1)
+  prepare(args, data) -> [(what, path, argv)]     optional: models to train first with these train.py flags
+                                                  when path is missing (CALM's autoencoder)
 The loop below knows nothing else about any objective.
 """
 import dataclasses
@@ -108,7 +112,7 @@ def parse_args(argv=None):
     add_fields(parser, GPTConfig, skip=("vocab_size",))
     if objective["config"] is not None:
         add_fields(parser, objective["config"])
-    parser.set_defaults(**PRESETS[known.preset])
+    parser.set_defaults(**{**PRESETS[known.preset], **objective.get("presets", {}).get(known.preset, {})})
     args = parser.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join("out", args.objective)
     args.min_lr = args.learning_rate / 10 if args.min_lr is None else args.min_lr
@@ -177,6 +181,8 @@ def make_optimizer(model, args, device):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=args.weight_decay),  # matrices decay
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]               # norms, biases don't
+    if hasattr(model, "param_groups"):  # optional: a model's own groups, e.g. with an "lr_scale" (CALM's head)
+        groups = model.param_groups(groups, args)
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.beta1, args.beta2),
                              fused=device.startswith("cuda"))
 
@@ -292,6 +298,12 @@ def fit(args, objective, world, rank, ckpt_path):
     data = load_data(args.dataset, args.tokenizer or objective.get("default_tokenizer"))
     args.dataset, args.tokenizer = data.name, data.tokenizer.name  # what was really used (after any fallback)
     data.random_offsets("val", 1, args.block_size)  # block_size larger than the data: a clear error now
+    for what, path, argv in objective.get("prepare", lambda a, d: [])(args, data) if not args.resume else []:
+        if os.path.exists(path):
+            log(f"{args.objective}: reusing {what} at {path}")
+        else:
+            log(f"{args.objective}: training {what} first into {path}")
+            train(*parse_args(argv))
     model = objective["build"](gpt_config(args, data.vocab_size), args, data).to(args.device)
     optimizer = make_optimizer(model, args, args.device)
     batch_gen = torch.Generator().manual_seed(args.seed)  # the data position: same on every rank
@@ -358,7 +370,7 @@ def fit(args, objective, world, rank, ckpt_path):
             if it == args.max_iters:
                 break
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(it, args)
+                group["lr"] = lr_at(it, args) * group.get("lr_scale", 1.0)
             ix = data.random_offsets("train", B * args.grad_accum * world, T, batch_gen)
             for micro in range(args.grad_accum):
                 lo = (micro * world + rank) * B  # global batch drawn once, then split: same on 1 or N processes

@@ -1,11 +1,15 @@
-"""Generation speed: CALM (one vector = K tokens per backbone step) against next-token prediction with the same
-backbone, both with a KV cache, batch 1. Random weights (speed does not depend on training).
+"""CALM benchmarks: generation speed against next-token prediction, and (`run`) the experiments of the README.
 
     python -m bench calm [--K 4] [--tokens 256] [--n_layer 4 --n_embd 128 --n_head 4] [--device cpu|cuda]
+    python -m bench calm run EXPERIMENT [--shard I/N] [--only REGEX]     recipe sweep, curves, heads (calm_runs.py)
+    python -m bench calm list                                           what each experiment trains
 
-Reports backbone steps per generated token, tokens/s, and where CALM's time goes (backbone, input compression,
-energy head, autoencoder decoder), each timed by synchronised wall clock around the module calls.
+Speed: CALM (one vector = K tokens per backbone step) against next-token prediction with the same backbone, both
+with a KV cache, batch 1, random weights (speed does not depend on training). Reports backbone steps per generated
+token, tokens/s, and where CALM's time goes (backbone, input compression, generative head, autoencoder decoder),
+each timed by synchronised wall clock around the module calls.
 """
+import sys
 import time
 from collections import defaultdict
 from types import SimpleNamespace
@@ -49,6 +53,10 @@ def run(fn, device, repeats):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["run"], ["list"]):  # the experiments: bench/calm_runs.py
+        from bench import calm_runs
+        return calm_runs.main(argv)
     p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--K", type=int, default=4)
     p.add_argument("--tokens", type=int, default=256)
@@ -74,7 +82,7 @@ def main(argv=None):
     t_calm = run(lambda: calm.generate_chunks(model, prompt, n // a.K, gen), dev, a.repeats)
     totals = defaultdict(float)
     for obj, attr, name in [(model.backbone, "body", "backbone"), (model.compress, "forward", "input compression"),
-                            (model.head, "forward", "energy head"), (model.ae, "decode", "decoder")]:
+                            (model.head, "forward", "generative head"), (model.ae, "decode", "decoder")]:
         timed(obj, attr, name, totals, dev)
     sync(dev)
     t0 = time.perf_counter()

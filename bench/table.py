@@ -8,13 +8,15 @@ gets `ntp_iters` iterations of batch_size x block_size tokens; that is the FLOPs
 gets max_iters = round(budget / (its FLOPs per token x batch_size x block_size)), same learning rate and schedule.
 Each run is trained in `stages` resumed pieces (train.py --resume: the same run as one go) and scored after each,
 which gives BrierLM against training FLOPs (the report's "curve"). Rows: ntp; mtp n=2, n=4 (the heads replace trunk
-blocks, mtp.py); calm K=2, K=4 (an autoencoder is trained first, its FLOPs reported apart in ae_flops, not charged
-to the budget); dispersion with lambda = 0.1 (the best value of tutorials/dispersion.ipynb). An objective that
-fails gets a row that says so; the others still run. Results: out/bench_<preset>[_cuda].json and .csv.
+blocks, mtp.py); calm K=2, K=4 with calm.py's recipe (calm.RECIPE: its learning rate, constant after warm-up, and
+its head; an autoencoder is trained first, its FLOPs reported apart in ae_flops, not charged to the budget);
+dispersion with lambda = 0.1 (the best value of tutorials/dispersion.ipynb). An objective that fails gets a row that
+says so; the others still run. Results: out/bench_<preset>[_cuda].json and .csv.
 
 Columns
   params          trainable parameters (CALM: not counting its frozen autoencoder)
   train_flops     FLOPs per token (table below) x tokens trained
+  head_share      CALM: the generative head's share of those FLOPs (bench.flops.calm_flops_parts); others n/a
   train_tok_s     tokens/s of full training steps (forward, backward, AdamW), median of timed steps after 2 warm-up
   peak_mem_mib    CPU: peak resident set of one training step minus the process before the model existed (weights,
                   gradients, AdamW state, activations), in a child process with glibc's mmap threshold at 64 KiB
@@ -54,21 +56,22 @@ from mtp import MTP, speculative_generate
 from sample import load_model
 
 from bench import core
-from bench.flops import ae_flops_per_token, train_flops_per_token
+from bench.flops import ae_flops_per_token, calm_flops_parts, train_flops_per_token
 from bench.mtp_bench import rss_kib
 
 PRESETS = {
     "tiny": dict(model=dict(n_layer=4, n_head=2, n_embd=32, block_size=32), batch_size=8, ntp_iters=30, stages=2,
                  ae_iters=60, brier_positions=32, eval_batches=2, timing_steps=3, core=False),
     "cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128), batch_size=16, ntp_iters=1200, stages=4,
-                ae_iters=800, brier_positions=2048, eval_batches=10, timing_steps=8, core=True),
+                ae_iters=1000, brier_positions=2048, eval_batches=10, timing_steps=8, core=True),
     "gpu": dict(model=dict(n_layer=8, n_head=8, n_embd=512, block_size=256), batch_size=64, ntp_iters=3000, stages=6,
                 ae_iters=2000, brier_positions=8192, eval_batches=50, timing_steps=20, core=True),
 }
 ROWS = [("ntp", "ntp", {}), ("mtp n=2", "mtp", {"n_future": 2}), ("mtp n=4", "mtp", {"n_future": 4}),
         ("calm K=2", "calm", {"chunk_size": 2}), ("calm K=4", "calm", {"chunk_size": 4}),
         ("dispersion l=0.1", "dispersion", {"dispersion_weight": 0.1})]
-COLUMNS = ["objective", "status", "params", "train_iters", "train_flops", "ae_flops", "train_tok_s", "peak_mem_mib",
+COLUMNS = ["objective", "status", "params", "train_iters", "train_flops", "head_share", "ae_flops", "train_tok_s",
+           "peak_mem_mib",
            "val_ce", "brier1", "brierlm", "brierlm_se", "disp_last", "gen_tok_s", "fwd_per_tok"]
 NOT_MEASURED = "not measured (no GPU in this run)"
 
@@ -183,11 +186,13 @@ def brier_and_ce(model, objective, args, data, p, device):
 
 
 def train_autoencoder(K, p, device, work):
-    """CALM's autoencoder for chunk size K, trained before CALM (its FLOPs are reported apart, in ae_flops)."""
+    """CALM's autoencoder for chunk size K, trained before CALM as calm.py trains it (calm.autoencoder_flags), for
+    p["ae_iters"] iterations (its FLOPs are reported apart, in ae_flops)."""
     ae_dir = os.path.join(work, f"autoencoder K={K}")
-    flags = {**common_flags(p, device), "objective": "autoencoder", "out_dir": ae_dir, "chunk_size": K,
-             "max_iters": p["ae_iters"], "eval_interval": p["ae_iters"], "learning_rate": 3e-3,
-             "log_interval": p["ae_iters"], "warmup_iters": min(30, p["ae_iters"] // 10)}
+    args, _ = train.parse_args(to_argv({**common_flags(p, device), "objective": "calm", "chunk_size": K,
+                                        "ae_iters": p["ae_iters"]}))
+    flags = {**calm.autoencoder_flags(ae_dir, args, "shakespeare", "bytes"), "eval_iters": 2,
+             "warmup_iters": min(30, p["ae_iters"] // 10), "overwrite": True}
     train.run_quietly(to_argv(flags))
     return os.path.join(ae_dir, "ckpt.pt")
 
@@ -205,6 +210,9 @@ def run_row(label, objective_name, extra, p, device, work, ae_paths, data):
     iters, flops_per_token = iters_for_budget(flags, p)
     T, B = p["model"]["block_size"], p["batch_size"]
     flags.update(lr_decay_iters=iters, warmup_iters=min(30, iters // 10), log_interval=iters)
+    if objective_name == "calm":  # CALM's own recipe (constant after warm-up: calm.build_calm)
+        flags.update(learning_rate=calm.RECIPE["learning_rate"], warmup_iters=min(calm.RECIPE["warmup_iters"],
+                                                                                   iters // 10))
     ends = sorted({max(1, round(iters * (i + 1) / p["stages"])) for i in range(p["stages"])})
     curve = []
     for i, end in enumerate(ends):
@@ -213,7 +221,10 @@ def run_row(label, objective_name, extra, p, device, work, ae_paths, data):
         model, objective, args, _ = load_model(os.path.join(flags["out_dir"], "ckpt.pt"), device)
         curve.append(dict(iter=end, train_flops=flops_per_token * end * B * T,
                           **brier_and_ce(model, objective, args, data, p, device)))
+    row["head_share"] = "n/a"
     if isinstance(model, calm.CALM):
+        parts = calm_flops_parts(model, args.num_samples)
+        row["head_share"] = parts["head"] / sum(parts.values())
         row["ae_flops"] = ae_flops_per_token(model.ae) * p["ae_iters"] * B * T
         row["ae_recon_acc"] = metrics["ae_recon_acc"]  # held-out; CALM decodes no better than its autoencoder
     windows = dispersion.fixed_batches(data, "val", p["eval_batches"], B, T - 4, seed=0, device=device)

@@ -8,6 +8,7 @@ import torch
 
 import bench
 from bench import table
+from bench.flops import calm_flops_parts
 import calm
 from gpt import GPT, GPTConfig
 from mtp import MTP
@@ -45,10 +46,10 @@ def test_mtp_flops_hand_count():
     assert bench.train_flops_per_token(MTP(CFG, 2), 8) == hand
 
 
-def tiny_calm():
+def tiny_calm(head="energy", head_dim=16):
     args = SimpleNamespace(**{f.name: f.default for f in calm.fields(calm.CALMConfig)})
     args.chunk_size, args.latent_dim, args.ae_dim, args.ae_layers = 2, 4, 8, 1
-    args.noise_size, args.head_layers = 4, 1
+    args.noise_size, args.head_layers, args.head, args.head_dim = 4, 1, head, head_dim
     return calm.CALM(CFG, args)
 
 
@@ -65,9 +66,28 @@ def test_calm_flops_hand_count():
     per_chunk = backbone + compress + cond + 2 * per_sample + encoder  # N = 2 samples
     assert per_chunk == 75456
     assert bench.train_flops_per_token(tiny_calm(), 8, num_samples=2) == per_chunk / 2
+    # a head 8 wide (--head_dim 8) on the 16-wide backbone: cond_in 16 -> 8, the sample path at width 8
+    narrow = 6 * macs((16, 8)) + 2 * 6 * macs((4, 8), (16, 8), (8, 8), (8, 16), (8, 8), (8, 8), (8, 4))
+    assert bench.train_flops_per_token(tiny_calm(head_dim=8), 8, num_samples=2) == \
+        (per_chunk - cond - 2 * per_sample + narrow) / 2
+    assert bench.train_flops_per_token(tiny_calm(head_dim=0), 8, 2) == \
+        bench.train_flops_per_token(tiny_calm(head_dim=8), 8, 2)  # --head_dim 0: half the backbone's width
+    parts = calm_flops_parts(tiny_calm(head_dim=8), num_samples=2)
+    assert parts["head"] == narrow and sum(parts.values()) == per_chunk - cond - 2 * per_sample + narrow
     # the autoencoder's own training: encoder + decoder + tied output projection, per chunk / K
     decoder = macs((4, 8)) + swiglu + macs((8, 16)) + 2 * swiglu + macs((8, 256)) * 2
     assert bench.ae_flops_per_token(tiny_calm().ae) == 6 * (encoder / 2 + decoder) / 2
+
+
+@pytest.mark.parametrize("head", ["flow", "diffusion"])
+def test_flow_and_diffusion_head_flops_hand_count(head):
+    """Same network for both (AdaLNNet), 16 wide: c_in once per chunk; per sample x_in, the time MLP from 256
+    sinusoidal features, one AdaLN block (modulation 16 -> 48, MLP 16 -> 16 -> 16), output modulation and layer."""
+    per_sample = 6 * macs((4, 16), (256, 16), (16, 16), (16, 48), (16, 16), (16, 16), (16, 32), (16, 4))
+    model = tiny_calm(head)
+    parts = calm_flops_parts(model, num_samples=2)
+    assert parts["head"] == 6 * macs((16, 16)) + 2 * per_sample == 76800
+    assert bench.train_flops_per_token(model, 8, num_samples=2) == sum(parts.values()) / 2
 
 
 def counted_training_flops(model, objective_name, argv, x):
@@ -103,6 +123,12 @@ def test_flops_match_torch_flop_counter():
     noise_input_grad = 2 * 2 * macs((4, 16)) / 2
     assert (counted_training_flops(model, "calm", argv, x) ==
             bench.train_flops_per_token(model, 8, num_samples=2) - attention - compress_at_start - noise_input_grad)
+    # flow / diffusion: the noisy latent fed to x_in and the time features fed to the time MLP need no gradient
+    for head in ("flow", "diffusion"):
+        model = tiny_calm(head)
+        input_grads = 2 * 2 * macs((4, 16), (256, 16)) / 2
+        assert (counted_training_flops(model, "calm", argv + ["--head", head], x) ==
+                bench.train_flops_per_token(model, 8, num_samples=2) - attention - compress_at_start - input_grads)
 
 
 @pytest.fixture(scope="module")

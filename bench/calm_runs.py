@@ -1,0 +1,355 @@
+"""CALM's experiments at `cpu` scale: the recipe sweep, the performance-compute curves, the generative heads and
+temperature. Every run is train.py in resumed stages, scored after each stage; every point is appended at once to
+results/calm_<experiment>.json (so a cut run keeps what it measured) and a run already there is skipped.
+
+    python -m bench calm run EXPERIMENT [--shard I/N] [--only REGEX] [--dry]     (EXPERIMENT: see EXPERIMENTS)
+    python -m bench calm list                                                  what each experiment trains
+
+Runs go to out/calm_runs/<experiment>/<run>/ (checkpoints, git-ignored); --shard I/N takes every N-th run, so two
+processes (OMP_NUM_THREADS=1 each) split one experiment. Autoencoders are shared by every run with the same K
+(out/calm_runs/autoencoders/K<K>/, trained once under a file lock).
+"""
+import fcntl
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import fields
+from types import SimpleNamespace
+
+import torch
+
+import brierlm
+import calm
+import train
+from data import load_data
+from gpt import UserError
+from sample import load_model
+
+from bench import calm_experiments
+from bench.flops import train_flops_per_token
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORK = os.path.join(ROOT, "out", "calm_runs")
+RESULTS = os.path.join(ROOT, "results")
+DATA = dict(dataset="shakespeare", tokenizer="bytes", block_size=128, batch_size=16)
+SIZES = {"4x128": dict(n_layer=4, n_head=4, n_embd=128), "6x192": dict(n_layer=6, n_head=6, n_embd=192),
+         "1x32": dict(n_layer=1, n_head=2, n_embd=32, block_size=32)}
+
+
+def flags_for(size, objective, seed=0, **extra):
+    return {"objective": objective, "seed": 1337 + seed, **DATA, **SIZES[size], **extra}
+
+
+def schedule(lr, kind, warmup=100):
+    """'const': linear warm-up then constant (the authors' schedule); 'cos': cosine to lr / 10 at the end."""
+    return dict(learning_rate=lr, warmup_iters=warmup, min_lr=lr if kind == "const" else lr / 10)
+
+
+def architecture_of(flags):
+    """(model with random weights, args, objective) of a run's flags, as train.py builds them (no data, no AE)."""
+    from bench.table import architecture
+    return architecture(flags)
+
+
+def iters_for(flags, budget):
+    """Iterations of the run `flags` that spend `budget` training FLOPs (bench.train_flops_per_token)."""
+    model, args, _ = architecture_of(flags)
+    per_iter = train_flops_per_token(model, args.block_size, getattr(args, "num_samples", 8)) * args.batch_size * \
+        args.block_size
+    return max(4, round(budget / per_iter))
+
+
+def ntp_flops(size, iters):
+    """Training FLOPs of `iters` NTP iterations at a backbone size: the budget every run of a comparison gets."""
+    flags = flags_for(size, "ntp")
+    T = flags["block_size"]
+    return train_flops_per_token(architecture_of(flags)[0], T) * iters * flags["batch_size"] * T
+
+
+def on_budget(name, flags, budget, fractions=(0.25, 0.5, 1.0)):
+    iters = iters_for(flags, budget)
+    return name, flags, sorted({max(1, round(f * iters)) for f in fractions})
+
+
+def recipe_sweep():
+    """The sweep behind the recipe, at 4 x 128, K = 4, each run scored at 3.5e12 and 7e12 training FLOPs (what 300
+    and 600 NTP iterations spend): the head's width w / blocks H / samples N at lr 1e-3 constant; then, with the
+    w = 64, H = 2, N = 8 head, the learning rate, the head's own learning rate (x3, x10), the schedule (cosine to
+    lr / 10) and a smaller latent (16, its own autoencoder); NTP's learning rate beside it (cosine, its default)."""
+    budget = ntp_flops("4x128", 600)
+    const = schedule(1e-3, "const")
+    runs = [on_budget(f"calm K=4 head w={w} H={H} N={N}", flags_for("4x128", "calm", chunk_size=4, head_dim=w,
+                                                                     head_layers=H, num_samples=N, **const),
+                      budget, (0.5, 1.0)) for w, H, N in ((128, 2, 8), (64, 2, 8), (64, 1, 8), (64, 2, 4))]
+    head = dict(head_dim=64, head_layers=2, num_samples=8)
+    for lr, kind in ((2e-3, "const"), (5e-4, "const")):
+        runs.append(on_budget(f"calm K=4 lr={lr:g} {kind}", flags_for("4x128", "calm", chunk_size=4, **head,
+                                                                       **schedule(lr, kind)), budget, (0.5, 1.0)))
+    for scale, kind in ((3.0, "const"), (10.0, "const"), (3.0, "cos")):
+        runs.append(on_budget(f"calm K=4 head lr x{scale:g}" + (" cos" if kind == "cos" else ""), flags_for(
+            "4x128", "calm", chunk_size=4, **head, **schedule(1e-3, kind), head_lr_scale=scale), budget, (0.5, 1.0)))
+    runs.append(on_budget("calm K=4 head lr x3 latent 16", flags_for("4x128", "calm", chunk_size=4, **head, **const,
+                                                                     head_lr_scale=3.0, latent_dim=16), budget,
+                          (0.5, 1.0)))
+    for lr in (1e-3, 3e-3):
+        runs.append(on_budget(f"ntp lr={lr:g} cos", flags_for("4x128", "ntp", **schedule(lr, "cos")), budget,
+                              (0.5, 1.0)))
+    return runs
+
+
+# the recipe (chosen by the sweep above; calm.py's defaults and train.py's `--objective calm` use the same values)
+CALM_RECIPE = dict(chunk_size=4, **schedule(calm.RECIPE["learning_rate"], "const", calm.RECIPE["warmup_iters"]),
+                   **{k: getattr(calm.CALMConfig, k) for k in ("head_dim", "head_layers", "num_samples",
+                                                              "head_lr_scale")})
+NTP_RECIPE = schedule(3e-3, "cos")  # the better of 1e-3 and 3e-3 in the sweep
+FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
+CURVES = {"4x128": dict(ntp_iters=600, seeds={4: 3, 2: 3, 1: 3}),
+          "6x192": dict(ntp_iters=400, seeds={4: 3}),
+          "1x32": dict(ntp_iters=8, seeds={4: 2, 1: 1}, fractions=(1 / 2, 1))}  # smoke: the notebook in the tests
+
+
+def curves(size):
+    """NTP and CALM (K and seeds: CURVES[size]) at one backbone size, on the budget of ntp_iters NTP iterations.
+    CALM (constant rate) is scored at 1/8, 1/4, 1/2 and all of it along one run per seed; NTP (cosine) gets one
+    run per budget, each annealed to its end, so that every NTP point is its best at that compute."""
+    c = CURVES[size]
+    budget, fractions = ntp_flops(size, c["ntp_iters"]), c.get("fractions", FRACTIONS)
+    runs = [(f"ntp {f:g}", flags_for(size, "ntp", **NTP_RECIPE), [max(1, round(f * c["ntp_iters"]))])
+            for f in fractions]
+    for seed in range(max(c["seeds"].values())):
+        for K, n in c["seeds"].items():
+            if seed < n:
+                runs.append(on_budget(f"calm K={K} seed {seed}", flags_for(size, "calm", seed, **{
+                    **CALM_RECIPE, "chunk_size": K}), budget, fractions))
+    return runs
+
+
+def head_runs(size, seeds=2):
+    """Flow matching and diffusion heads (and the MSE ablation, seed 0) on the same backbone, data and iterations
+    as the energy head of curves_<size> (its seeds 0, 1, ..), K = 4: the paper's generative-head comparison."""
+    energy = flags_for(size, "calm", 0, **CALM_RECIPE)
+    iters = iters_for(energy, ntp_flops(size, CURVES[size]["ntp_iters"]))
+    points = sorted({max(1, round(f * iters)) for f in FRACTIONS})
+    return [(f"{head} seed {s}", flags_for(size, "calm", s, **CALM_RECIPE, head=head), points)
+            for s in range(seeds) for head in ("flow", "diffusion")] + \
+        [("mse seed 0", flags_for(size, "calm", 0, **CALM_RECIPE, head="mse"), points)]
+
+
+def head_steps(name, spec):
+    """After training: Brier-n at several sampling-step counts (a flow midpoint step is 2 network calls)."""
+    flow = name.startswith("flow")
+    steps = spec["steps"]["flow" if flow else "diffusion"] if name.startswith(("flow", "diffusion")) else []
+
+    def measure(model, args, data):
+        out = {}
+        for n in steps:
+            model.head.steps = n
+            out[str(n)] = dict(calls=n * (1 + flow), **calm_experiments.brier_scores(model, data, args,
+                                                                                     spec["post_positions"]))
+        return {"steps": out, "samples": calm_experiments.continuations(model, args), "distinct2":
+                calm_experiments.distinct_ngrams(model, data, args, n_prompts=spec["prompts"])}
+    return measure
+
+
+TEMPERATURES = [1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25]
+
+
+def temperature_curve(name, spec):
+    """After training (the last NTP; CALM K = 4 seeds 0 and 1): quality and diversity of samples across T (CALM:
+    the batch sampler at every T, the exact one at T = 0.8 and 0.5)."""
+    if name not in ("ntp 1", "calm K=4 seed 0", "calm K=4 seed 1"):
+        return None
+
+    def measure(model, args, data):
+        out = {}
+        for T in spec["temperatures"]:
+            for sampler in ("batch", "exact") if name.startswith("calm") and T in (0.8, 0.5) else ("batch",):
+                out[f"{T:g}" + ("" if sampler == "batch" else " exact")] = dict(
+                    T=T, sampler=sampler, distinct2=calm_experiments.distinct_ngrams(
+                        model, data, args, T, n_prompts=spec["prompts"], sampler=sampler),
+                    **calm_experiments.tempered_accuracy(model, data, args, T, spec["post_positions"], sampler=sampler))
+        return {"temperature": out, "samples": calm_experiments.continuations(model, args)}
+    return measure
+
+
+STEPS = {"flow": [1, 2, 5, 10, 20], "diffusion": [1, 5, 10, 25, 50, 100, 200]}
+SMOKE = dict(positions=16, post_positions=8, prompts=2, ae_iters=10)  # seconds: the notebook under the tests
+EXPERIMENTS = {
+    "recipe": dict(runs=recipe_sweep, positions=2048),
+    "curves_4x128": dict(runs=lambda: curves("4x128"), positions=2048, post=temperature_curve, post_positions=1024,
+                         prompts=16, temperatures=TEMPERATURES),
+    "curves_6x192": dict(runs=lambda: curves("6x192"), positions=2048),
+    "heads": dict(runs=lambda: head_runs("4x128", 1), positions=2048, post=head_steps, post_positions=1024,
+                  prompts=16, steps=STEPS),
+    "smoke_curves": dict(runs=lambda: curves("1x32"), post=temperature_curve, temperatures=[1.0, 0.5], **SMOKE),
+    "smoke_heads": dict(runs=lambda: head_runs("1x32", 1), post=head_steps, steps={"flow": [1, 2],
+                                                                                     "diffusion": [1, 5]}, **SMOKE)}
+
+
+# ----------------------------------------------------------------------------- running and recording
+
+def to_argv(flags):
+    return [s for k, v in flags.items() for s in (f"--{k}", str(v))]
+
+
+class Locked:
+    """An exclusive file lock (two shards write the same results file, or want the same autoencoder)."""
+
+    def __init__(self, path):
+        lock = os.path.join(WORK, "locks", os.path.abspath(path).strip(os.sep).replace(os.sep, "_") + ".lock")
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+        self.f = open(lock, "w")
+
+    def __enter__(self):
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+
+    def __exit__(self, *a):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+
+
+def read_results(path):
+    if not os.path.exists(path):
+        return {"runs": {}}
+    with open(path) as f:
+        return json.load(f)
+
+
+def record(path, name, flags, point=None, post=None):
+    """Add one point (or the post-training measurements) of run `name` to the results file (read-modify-write
+    under the lock, atomic replace)."""
+    with Locked(path):
+        res = read_results(path)
+        run = res["runs"].setdefault(name, {"flags": flags, "points": []})
+        if point is not None:
+            run["points"] = sorted([p for p in run["points"] if p["iter"] != point["iter"]] + [point],
+                                   key=lambda p: p["iter"])
+        if post is not None:
+            run["post"] = post
+        res["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(path + ".tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def autoencoder(K, work=WORK, ae_iters=None, latent_dim=None):
+    """Path of the shared autoencoder for chunk size K (calm.py's recipe), trained once, under a lock, if missing."""
+    out = os.path.join(work, "autoencoders", f"K{K}" + (f"_l{latent_dim}" if latent_dim else ""))
+    path = os.path.join(out, "ckpt.pt")
+    with Locked(path):
+        if not os.path.exists(path):
+            args = SimpleNamespace(**{f.name: f.default for f in fields(calm.CALMConfig)}, device="cpu", seed=1337,
+                                   block_size=DATA["block_size"], batch_size=DATA["batch_size"])
+            args.chunk_size, args.ae_iters = K, ae_iters or args.ae_iters
+            args.latent_dim = latent_dim or args.latent_dim
+            flags = calm.autoencoder_flags(out, args, DATA["dataset"], DATA["tokenizer"])
+            if ae_iters:  # smoke: a few iterations, a short evaluation
+                flags.update(block_size=32, eval_iters=1)
+            train.run_quietly(to_argv(flags))
+    return path
+
+
+def score(ckpt, data, positions):
+    """Brier-1..4, BrierLM and their standard errors at `positions` fixed val positions (seed 0: the same
+    positions for every run with the same context length), from two samples per position."""
+    model, objective, args, _ = load_model(ckpt, "cpu")
+    args.device = "cpu"
+    est = brierlm.brier_eval(model, objective, data, args, positions, seed=0)["sampled"]
+    se = est.std(0, ddof=1) / len(est) ** 0.5
+    out = {**brierlm.summarize(est), **{f"brier{n + 1}_se": float(se[n]) for n in range(4)}}
+    se_lm = brierlm.brierlm_stderr(est)
+    out["brierlm_se"] = se_lm if se_lm == se_lm else None  # undefined (NaN) when a Brier-n <= 0
+    return out, model, args
+
+
+def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WORK):
+    """Train run `name` through its points (resuming what exists), score each, then spec['post'] if any."""
+    path = os.path.join(results, f"calm_{exp}.json")
+    saved = read_results(path)["runs"].get(name, {})
+    done = {p["iter"]: p for p in saved.get("points", [])}
+    post = spec.get("post") and spec["post"](name, spec)
+    if set(done) >= set(points) and (post is None or "post" in saved):
+        return
+    out_dir = os.path.join(work, exp, re.sub(r"[^\w.=-]+", "_", name))
+    flags = dict(flags)
+    if flags["objective"] == "calm" and "autoencoder" not in flags:
+        flags["autoencoder"] = autoencoder(flags["chunk_size"], work, spec.get("ae_iters"), flags.get("latent_dim"))
+    record_flags = {k: v for k, v in flags.items() if k != "autoencoder"}
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    at = torch.load(ckpt, weights_only=False)["iter"] if os.path.exists(ckpt) else 0
+    base = dict(out_dir=out_dir, lr_decay_iters=max(points), eval_iters=2, brier_positions=0, sample_tokens=0,
+                log_interval=10 ** 9, **flags)
+    seconds = done[at]["train_seconds"] if at in done else 0.0  # training time so far, across restarts
+    for end in points:
+        if end < at or (end == at and end in done):
+            continue
+        t = time.time()
+        if end > at:
+            resume = ["--resume"] if at else ["--overwrite"]
+            train.run_quietly(to_argv({**base, "max_iters": end, "eval_interval": end}) + resume)
+            at = end
+        seconds += time.time() - t
+        metrics = torch.load(ckpt, weights_only=False)["metrics"]
+        scores, model, args = score(ckpt, data, spec["positions"])
+        per_token = train_flops_per_token(model, args.block_size, getattr(args, "num_samples", 8))
+        point = dict(iter=end, train_flops=per_token * end * args.batch_size * args.block_size,
+                     flops_per_token=per_token, train_seconds=seconds, val_loss=metrics.get("val_loss"),
+                     threads=torch.get_num_threads(), **scores)
+        record(path, name, record_flags, point)
+        log(f"{exp} | {name} | iter {end} | FLOPs {point['train_flops']:.2e} | Brier-1 {scores['brier1']:.3f} "
+            f"± {scores['brier1_se']:.3f} | BrierLM {scores['brierlm']:.2f} | {seconds:.0f}s training")
+    if post is not None and "post" not in saved:
+        if at != max(points):
+            raise UserError(f"{name}: the checkpoint is at iteration {at}, not at the last point {max(points)}")
+        t = time.time()
+        model, _, args, _ = load_model(ckpt, "cpu")
+        args.device = "cpu"
+        record(path, name, record_flags, post=post(model, args, data))
+        log(f"{exp} | {name} | post-training measurements ({time.time() - t:.0f}s)")
+
+
+def run(exp, shard=(0, 1), only=None, dry=False, log=print, results=RESULTS, work=WORK):
+    """Run (this shard of) an experiment; results go to <results>/calm_<exp>.json, checkpoints under <work>."""
+    if exp not in EXPERIMENTS:
+        raise UserError(f"unknown experiment {exp!r}: choose from {', '.join(EXPERIMENTS)}")
+    spec = EXPERIMENTS[exp]
+    runs = [r for r in spec["runs"]() if only is None or re.search(only, r[0])]
+    mine = runs[shard[0]::shard[1]]
+    if dry:
+        for name, flags, points in mine:
+            log(f"{name}: {points} {flags}")
+        return
+    data = load_data(DATA["dataset"], DATA["tokenizer"])
+    for name, flags, points in mine:
+        try:
+            run_one(exp, name, flags, points, spec, data, log, results, work)
+        except UserError as e:  # say so and go on with the next run
+            log(f"{exp} | {name} | failed: {e}")
+
+
+def main(argv):
+    p = train.OneLineParser(prog="python -m bench calm", description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=["run", "list"])
+    p.add_argument("experiment", nargs="?", default=None)
+    p.add_argument("--shard", default="0/1", help="I/N: every N-th run starting at run I")
+    p.add_argument("--only", default=None, help="only the runs whose name matches this regular expression")
+    p.add_argument("--dry", action="store_true", help="print the runs, train nothing")
+    a = p.parse_args(argv)
+    if a.command == "list" or a.experiment is None:
+        for exp in EXPERIMENTS:
+            run(exp, dry=True, log=lambda s, e=exp: print(f"{e}: {s}"))
+        return
+    m = re.fullmatch(r"(\d+)/(\d+)", a.shard)
+    if not m or not int(m[1]) < int(m[2]):
+        raise UserError(f"--shard must be I/N with 0 <= I < N, got {a.shard!r}")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    run(a.experiment, (int(m[1]), int(m[2])), a.only, a.dry, log=lambda s: print(s, flush=True))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
