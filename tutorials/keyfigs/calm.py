@@ -19,7 +19,8 @@ NEEDS = {"performance_vs_compute": ["curves_4x128"], "ratio_to_ntp": ["curves_4x
          "temperature": ["curves_4x128"], "recipe_sweep": ["recipe"]}  # each figure's parts; drawn when present:
 USES = {"performance_vs_compute": ["curves_6x192"], "ratio_to_ntp": ["curves_6x192"], "heads": ["curves_4x128"]}
 SIZES = {"curves_4x128": "4 × 128", "curves_6x192": "6 × 192"}
-METRICS = {"brier1": "Brier-1", "brierlm": "BrierLM"}
+METRICS = ["brier1", "brier2", "brier3", "brier4", "brierlm"]  # aggregated over seeds by curves()
+PLOTTED = {"brier1": "Brier-1", "brierlm": "BrierLM"}
 
 
 def mean_se(values):
@@ -82,12 +83,12 @@ def performance_vs_compute(results):
     fig, axes = plt.subplots(2, len(parts), figsize=(6 * len(parts), 7), squeeze=False)
     for col, part in enumerate(parts):
         for name, points in curves(results[part]["runs"]).items():
-            for row, m in enumerate(METRICS):
+            for row, m in enumerate(PLOTTED):
                 errorbar(axes[row, col], points, m, ls="-" if name == "ntp" else "--", color=color_of(name),
                          label=label_of(name, points))
         axes[0, col].set_title(f"backbone {SIZES[part]}")
-        for row, m in enumerate(METRICS):
-            axes[row, col].set(xscale="log", xlabel="training FLOPs", ylabel=METRICS[m])
+        for row, m in enumerate(PLOTTED):
+            axes[row, col].set(xscale="log", xlabel="training FLOPs", ylabel=PLOTTED[m])
             axes[row, col].grid(alpha=0.3)
         axes[0, col].legend(fontsize=8)
     fig.tight_layout()
