@@ -7,7 +7,7 @@ training, no notebook run), for slides.
 For every notebook tutorials/<name>.ipynb, the module tutorials/keyfigs/<name>.py draws its key figures from the
 first of its RESULTS files that exists, or from one such file per part when RESULTS is a dict of parts (the
 convention is in tutorials/keyfigs/__init__.py). A notebook without a module, or whose results are not committed
-yet, is skipped with one line saying so. A figure function that raises is reported on one line and the other
+yet, is skipped with one line saying so; so is a figure whose part is missing (a module with NEEDS). A figure function that raises is reported on one line and the other
 figures are still written; the exit code is then 1.
 """
 import argparse
@@ -72,6 +72,10 @@ def draw(name, out, index):
     failures = 0
     for fig_name, fn in figures.items():
         stem = f"{name}-{fig_name}"
+        absent = keyfigs.missing(module, fig_name, path)
+        if absent:
+            print(f"skip {stem}: its results are not committed yet ({', '.join(absent)})")
+            continue
         try:
             fig = fn(results)
             fig.savefig(os.path.join(out, stem + ".png"), dpi=150)
@@ -82,8 +86,9 @@ def draw(name, out, index):
             plt.close("all")
             failures += 1
             continue
-        index.append(f"| `{stem}` | `tutorials/{name}.ipynb` | `{shown(path)}` | {keyfigs.caption(fn)} |")
-        print(f"wrote {shown(os.path.join(out, stem))}.png/.svg  (from {shown(path)})")
+        used = keyfigs.used(module, fig_name, path)
+        index.append(f"| `{stem}` | `tutorials/{name}.ipynb` | `{shown(used)}` | {keyfigs.caption(fn)} |")
+        print(f"wrote {shown(os.path.join(out, stem))}.png/.svg  (from {shown(used)})")
     return failures
 
 

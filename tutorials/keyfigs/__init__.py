@@ -8,6 +8,12 @@ The convention (one file per notebook):
       or RESULTS = {"<part>": [paths...], ...}
                                         several files (e.g. one per sweep script): `results` is then the dict
                                         {part: the first of its paths that exists, loaded}; all parts are needed
+      NEEDS = {"<figure name>": ["<part>", ...], ...}
+                                        optional, with a dict RESULTS: each figure needs only these parts (the
+                                        others it draws when present); `results` then holds the parts that exist,
+                                        and a figure whose parts are missing is skipped on its own
+      USES = {"<figure name>": ["<part>", ...], ...}
+                                        optional, with NEEDS: parts a figure also draws when they exist
       FIGURES = {"<figure name>": function, ...}
                                         each function(results: dict) -> matplotlib Figure; its docstring's first
                                         paragraph is the caption (what the figure shows); no plt.show(), no I/O
@@ -37,11 +43,30 @@ def first_existing(candidates, root=ROOT):
 
 def results_path(module, root=ROOT):
     """The first of module.RESULTS that exists, as an absolute path; or None. When RESULTS is a dict of parts:
-    {part: absolute path}, or None if any part has no file."""
+    {part: absolute path}, or None if any part has no file (with NEEDS: the parts that have one; None if none)."""
     if not isinstance(module.RESULTS, dict):
         return first_existing(module.RESULTS, root)
     paths = {part: first_existing(candidates, root) for part, candidates in module.RESULTS.items()}
+    if hasattr(module, "NEEDS"):
+        return {part: path for part, path in paths.items() if path} or None
     return None if None in paths.values() else paths
+
+
+def missing(module, figure, path):
+    """The files of the parts that `figure` needs and `path` (what results_path found) lacks: [] when it can be
+    drawn. Only a module with NEEDS can lack a part here (without NEEDS, results_path wants every part)."""
+    if not hasattr(module, "NEEDS"):
+        return []
+    groups = [module.RESULTS[part] for part in module.NEEDS.get(figure, module.RESULTS) if part not in path]
+    return [p for g in groups for p in ([g] if isinstance(g, str) else g)]
+
+
+def used(module, figure, path):
+    """The files `figure` is drawn from: its NEEDS and USES parts that exist (everything in path without NEEDS)."""
+    if not hasattr(module, "NEEDS"):
+        return path
+    parts = list(module.NEEDS.get(figure, module.RESULTS)) + list(getattr(module, "USES", {}).get(figure, []))
+    return {part: path[part] for part in parts if part in path}
 
 
 def wanted(module, root=ROOT):

@@ -1,7 +1,6 @@
 """Key figures of tutorials/overview.ipynb, from the committed report of `python -m bench table` (results/bench_<preset>
 .json: rows [{objective, status, curve: [{train_flops, brierlm, brierlm_se, brier1}], brierlm, gen_tok_s,
-fwd_per_tok}], preset, hardware). The notebook draws the same figures in its own cells today; calling these
-functions from it (figs.brierlm_vs_flops(report)) would make the two one code."""
+fwd_per_tok}], preset, hardware). The notebook draws its figures with these functions (figs.brierlm_vs_flops(report))."""
 import matplotlib.pyplot as plt
 
 RESULTS = ["results/bench_gpu_cuda.json", "results/bench_cpu.json"]
