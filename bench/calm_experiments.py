@@ -1,8 +1,6 @@
 """Measurements behind tutorials/calm.ipynb and bench/calm_runs.py (not the paper itself: that is calm.py and
 calm_heads.py). Every function takes a trained model (CALM or a GPT) and the data, and samples only."""
 import copy
-import json
-import os
 import time
 
 import numpy as np
@@ -86,63 +84,3 @@ def generation_speed(model, n_tokens=128, repeats=5):
             model.generate(prompt, n_tokens, temperature=1.0)
         best = min(best, time.perf_counter() - t)
     return 1 / K, n_tokens // K * K / best
-
-
-# ----------------------------------------------------------------------------- reading bench/calm_runs.py's results
-
-METRICS = ["brier1", "brier2", "brier3", "brier4", "brierlm"]
-
-
-def load_results(exp, folder):
-    """The runs of results/calm_<exp>.json ({} when absent)."""
-    path = os.path.join(folder, f"calm_{exp}.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)["runs"]
-
-
-def curves(runs):
-    """{'ntp' | 'calm K=k': [point, ...]}: NTP's one-point runs joined into a curve; CALM's seeds averaged point by
-    point, each metric as mean, its standard error over seeds (m_se; 0 for one seed) and the seeds' values."""
-    out = {}
-    ntp = sorted((r["points"][-1] for name, r in runs.items() if name.startswith("ntp")), key=lambda p: p["iter"])
-    if ntp:  # one seed: the standard error over positions (NaN where undefined)
-        out["ntp"] = [dict(p, seeds=1, **{m + "_se": p.get(m + "_se") or np.nan for m in METRICS}) for p in ntp]
-    groups = {}
-    for name, r in runs.items():
-        if name.startswith("calm"):
-            groups.setdefault(name.split(" seed")[0], []).append(r["points"])
-    for label, seeds in sorted(groups.items(), key=lambda kv: -int(kv[0].split("K=")[1])):
-        n_points = min(len(s) for s in seeds)
-        points = []
-        for i in range(n_points):
-            ps = [s[i] for s in seeds]
-            p = dict(iter=ps[0]["iter"], train_flops=ps[0]["train_flops"], flops_per_token=ps[0]["flops_per_token"],
-                     seeds=len(ps))
-            for m in METRICS:
-                v = np.array([q[m] for q in ps], dtype=float)
-                p[m], p[m + "_values"] = float(v.mean()), v.tolist()
-                p[m + "_se"] = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else (ps[0].get(m + "_se")
-                                                                                            or np.nan)
-            points.append(p)
-        out[label] = points
-    return out
-
-
-def ntp_at(ntp, flops, metric="brier1"):
-    """NTP's metric at a FLOPs count, interpolated linearly in log FLOPs between its points (None outside)."""
-    xs = np.log([p["train_flops"] for p in ntp])
-    ys = [p[metric] for p in ntp]
-    x = np.log(flops)
-    return float(np.interp(x, xs, ys)) if xs[0] <= x <= xs[-1] else None
-
-
-def ratio_to_ntp(calm_points, ntp, metric="brier1"):
-    """[(FLOPs, CALM / NTP at those FLOPs, its standard error from the CALM seeds)] along a CALM curve."""
-    out = []
-    for p in calm_points:
-        ref = ntp_at(ntp, p["train_flops"], metric)
-        if ref:
-            out.append((p["train_flops"], p[metric] / ref, p[metric + "_se"] / ref))
-    return out

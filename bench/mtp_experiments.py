@@ -360,38 +360,3 @@ def run(sweep, scale="cpu", out="results", work=None, log=print):
             sweep_bytes(p, res, work, log, size)
         reports[s] = res.report
     return reports
-
-
-# ----------------------------------------------------------------------------- summaries (what the figures draw)
-
-def size_summary(report):
-    """Per model size and n: non-embedding parameters and, paired by seed against n = 1, mean +- se of the change
-    in head-1 val loss (nats/byte), Brier-1 and BrierLM; a single seed has se nan."""
-    runs, rows = report["runs"], []
-    sizes = sorted({(r["n_layer"], r["n_embd"]) for r in runs.values()}, key=lambda s: s[0] * s[1] ** 2)
-    for L, d in sizes:
-        for n in sorted({r["n"] for r in runs.values()}):
-            pairs = [(r, runs.get(f"{L}x{d}_n1_s{r['seed']}")) for k, r in runs.items()
-                     if (r["n_layer"], r["n_embd"], r["n"]) == (L, d, n)]
-            pairs = [(r, b) for r, b in pairs if b is not None]
-            if not pairs:
-                continue
-            row = dict(n_layer=L, n_embd=d, n=n, seeds=len(pairs), params=pairs[0][0]["params_non_embedding"])
-            for k in ("val_loss_h1", "brier1", "brierlm"):
-                row[k], row[k + "_se"] = mean_se([r[k] for r, _ in pairs])
-                row["d_" + k], row["d_" + k + "_se"] = mean_se([r[k] - b[k] for r, b in pairs])
-            rows.append(row)
-    return rows
-
-
-def task_summary(report):
-    """Per model size and n: mean +- se over seeds of every accuracy."""
-    runs, rows = report["runs"], []
-    keys = sorted({(r["n_layer"], r["n_embd"], r["n"]) for r in runs.values()}, key=lambda k: (k[0] * k[1] ** 2, k[2]))
-    for L, d, n in keys:
-        group = [r for r in runs.values() if (r["n_layer"], r["n_embd"], r["n"]) == (L, d, n)]
-        row = dict(n_layer=L, n_embd=d, n=n, seeds=len(group), params=group[0]["params_non_embedding"])
-        for k in sorted(k for k in group[0] if k.startswith(("acc", "token_acc"))):
-            row[k], row[k + "_se"] = mean_se([r[k] for r in group])
-        rows.append(row)
-    return rows

@@ -4,6 +4,8 @@ generators checked by an independent evaluator, and bench/mtp_experiments.py's s
 import copy
 import json
 import re
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,6 +20,9 @@ from bench import mtp_experiments as mx
 from gpt import GPT, GPTConfig, UserError
 from mtp import MTP, head_loss, mtp_forward_backward, speculative_benchmark, speculative_generate
 from util import one_line_error
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tutorials"))
+from keyfigs import mtp as figs  # noqa: E402  (the summaries the tutorial's figures draw)
 
 CFG = GPTConfig(block_size=24, vocab_size=37, n_layer=4, n_head=2, n_embd=16)
 
@@ -363,7 +368,7 @@ def test_size_summary_pairs_seeds_against_n1():
                     brierlm=10 * loss)
     runs = {"2x8_n1_s0": run(1, 0, 1.0), "2x8_n1_s1": run(1, 1, 2.0), "2x8_n4_s0": run(4, 0, 1.5),
             "2x8_n4_s1": run(4, 1, 2.1), "2x8_n4_s2": run(4, 2, 9.0)}  # seed 2 has no n = 1 partner: left out
-    rows = {r["n"]: r for r in mx.size_summary({"runs": runs})}
+    rows = {r["n"]: r for r in figs.size_summary({"runs": runs})}
     assert rows[1]["d_val_loss_h1"] == 0 and rows[4]["seeds"] == 2
     assert rows[4]["d_val_loss_h1"] == pytest.approx(0.3)
     assert rows[4]["d_val_loss_h1_se"] == pytest.approx(np.std([0.5, 0.1], ddof=1) / np.sqrt(2))
@@ -376,9 +381,9 @@ def test_sweeps_at_smoke_scale_write_results_and_resume(tmp_path, monkeypatch):
     assert set(reports) == set(mx.SWEEPS) and all((out / f"mtp_{s}.json").exists() for s in mx.SWEEPS)
     size = reports["size"]["runs"]
     assert len(size) == 9 and all(r["brier1"] <= 1 and r["val_loss_h1"] > 0 for r in size.values())
-    assert {(r["n"], r["seeds"]) for r in mx.size_summary(reports["size"]) if r["n_embd"] == 16} == {(1, 2), (2, 2),
+    assert {(r["n"], r["seeds"]) for r in figs.size_summary(reports["size"]) if r["n_embd"] == 16} == {(1, 2), (2, 2),
                                                                                                       (4, 2)}
-    assert {r["n"] for r in mx.task_summary(reports["induction"])} == {1, 2}
+    assert {r["n"] for r in figs.task_summary(reports["induction"])} == {1, 2}
     assert set(reports["bytes"]["runs"]) == {"pystdlib_n2", "pystdlib_n8", "shakespeare_n2", "shakespeare_n8"}
     assert all(r["identical"] for r in reports["bytes"]["runs"].values())
     speed = reports["speedup"]["runs"]
