@@ -182,7 +182,7 @@ EXPERIMENTS = {
     "curves_4x128": dict(runs=lambda: curves("4x128"), positions=2048, post=temperature_curve, post_positions=1024,
                          prompts=16, temperatures=TEMPERATURES),
     "curves_6x192": dict(runs=lambda: curves("6x192"), positions=2048),
-    "heads": dict(runs=lambda: head_runs("4x128", 1), positions=2048, post=head_steps, post_positions=1024,
+    "heads": dict(runs=lambda: head_runs("4x128", 2), positions=2048, post=head_steps, post_positions=1024,
                   prompts=16, steps=STEPS),
     "smoke_curves": dict(runs=lambda: curves("1x32"), post=temperature_curve, temperatures=[1.0, 0.5], **SMOKE),
     "smoke_heads": dict(runs=lambda: head_runs("1x32", 1), post=head_steps, steps={"flow": [1, 2],
