@@ -107,11 +107,6 @@ def test_every_figure_module_follows_the_convention(name):
     assert module.FIGURES and all(callable(f) and keyfigs.caption(f) for f in module.FIGURES.values())
 
 
-# calm and mtp draw through keyfigs since this branch, but their committed outputs predate it: the lead re-executes
-# them at cpu scale once their sweeps are complete, then removes them from this set
-NOT_RE_EXECUTED_YET = {"calm", "mtp"}
-
-
 @pytest.mark.parametrize("name", ["brierlm", "dispersion", "overview", "calm", "mtp"])
 def test_notebook_shows_its_key_figures_through_keyfigs(name):
     """The notebook and figures.py draw with the same functions: each key figure is called in a cell that shows
@@ -122,8 +117,7 @@ def test_notebook_shows_its_key_figures_through_keyfigs(name):
     for fig in module.FIGURES:
         cells = [c for c in nb.cells if c.cell_type == "code" and f"figs.{fig}(" in c.source]
         assert len(cells) == 1, fig
-        if name not in NOT_RE_EXECUTED_YET:
-            assert any("image/png" in o.get("data", {}) for o in cells[0].outputs), fig
+        assert any("image/png" in o.get("data", {}) for o in cells[0].outputs), fig
     if name == "brierlm":
         results = json.loads((ROOT / "results" / "brierlm_cpu.json").read_text())
         assert results["meta"]["scale"] == "cpu" and len(results["checkpoints"]) == 15

@@ -383,14 +383,14 @@ def energy_loss(student):
             with case(label):
                 x, y = randn(N, P, l, seed=n, dtype=dtype), randn(M, P, l, seed=n + 10, dtype=dtype)
                 args = dict(x=x, y=y, alpha=alpha)
-                same_function(student, ref.energy_loss, args, "vs calm.energy_loss", grad=("x",))
+                same_function(student, ref.energy_loss, args, "vs calm_heads.energy_loss", grad=("x",))
                 same(call(student, x, y, alpha), energy_definition(x.double(), y.double(), alpha),
                      "vs the definition (double sums)", atol=1e-4, dtype=None)
         with case("two model samples identical (distance 0: the gradient must stay finite)"):
             x = randn(4, 3, 2, seed=5)
             x[1] = x[0]
             same_function(student, ref.energy_loss, dict(x=x, y=randn(6, 3, 2, seed=6), alpha=1.0),
-                          "vs calm.energy_loss", grad=("x",))
+                          "vs calm_heads.energy_loss", grad=("x",))
         with case("proper: samples of the target must score lower than a point mass at its mean or a shifted model"):
             y = randn(256, 32, 1, seed=7, dtype=torch.float64)                  # target N(0, 1), 32 positions
             scores = {name: float(call(student, x, y, 1.0).mean()) for name, x in
@@ -400,7 +400,7 @@ def energy_loss(student):
             if min(scores, key=scores.get) != "target":
                 raise Mismatch("the loss is not minimised by the target distribution: " +
                                ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-        return f"{len(cases) + 1} cases match calm.energy_loss (values, gradients) and the double-sum definition; " \
+        return f"{len(cases) + 1} cases match calm_heads.energy_loss (values, gradients) and the double-sum definition; " \
                "the target distribution scores best"
     return run("4.1", "energy_loss", body)
 

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 import brierlm  # noqa: E402
 import calm  # noqa: E402
+import calm_heads  # noqa: E402
 import dispersion  # noqa: E402
 import gpt  # noqa: E402
 import mtp  # noqa: E402
@@ -88,8 +89,8 @@ def greedy_generate(model, idx, max_new_tokens, use_cache):
 # ----------------------------------------------------------------------------- CALM (calm.py)
 
 def energy_loss(x, y, alpha=1.0):
-    """Negative energy score per position: x (N, P, l) model samples, y (M, P, l) targets -> (P,): calm.energy_loss."""
-    return calm.energy_loss(x, y, alpha)
+    """Negative energy score per position: x (N, P, l) model samples, y (M, P, l) targets -> (P,): calm_heads.energy_loss."""
+    return calm_heads.energy_loss(x, y, alpha)
 
 
 def tiny_autoencoder(vocab_size=40, chunk_size=4, latent_dim=8, ae_dim=32, seed=0, kl_clip=0.5, kl_weight=1e-3):

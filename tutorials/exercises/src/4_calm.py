@@ -17,7 +17,7 @@
 # ## 4.1 The energy loss
 #
 # The head gives $N$ samples $x_1..x_N$ for a position (independent noise, the same hidden state); the frozen
-# autoencoder's posterior gives $M$ samples $y_1..y_M$ of the true next latent. The loss (calm.py: sec. 3) is the
+# autoencoder's posterior gives $M$ samples $y_1..y_M$ of the true next latent. The loss (calm_heads.py, sec. 3) is the
 # negative energy score, estimated without bias:
 #
 # $$\mathcal L = \frac{2}{NM}\sum_{n=1}^{N}\sum_{m=1}^{M}\lVert x_n - y_m\rVert^{\alpha} \;-\; \frac{1}{N(N-1)}\sum_{n \ne n'}\lVert x_n - x_{n'}\rVert^{\alpha}.$$
