@@ -99,6 +99,15 @@ def recipe_sweep():
     return runs
 
 
+def recipe_6x192():
+    """Is the 4 x 128 recipe what 6 x 192 needs? CALM K = 4, seed 0, on curves_6x192's budget (400 NTP iterations),
+    at learning rates 2.5e-4, 5e-4 and 2e-3 beside the recipe's 1e-3 (curves_6x192, seeds 0-2); 5e-4 with 3 seeds."""
+    budget = ntp_flops("6x192", 400)
+    runs = [(lr, 0) for lr in (5e-4, 2e-3, 2.5e-4)] + [(5e-4, 1), (5e-4, 2)]
+    return [on_budget(f"calm K=4 lr={lr:g} const" + (f" seed {seed}" if seed else ""), flags_for(
+        "6x192", "calm", seed, **{**CALM_RECIPE, **schedule(lr, "const")}), budget, (0.5, 1.0)) for lr, seed in runs]
+
+
 # the recipe (chosen by the sweep above; calm.py's defaults and train.py's `--objective calm` use the same values)
 CALM_RECIPE = dict(chunk_size=4, **schedule(calm.RECIPE["learning_rate"], "const", calm.RECIPE["warmup_iters"]),
                    **{k: getattr(calm.CALMConfig, k) for k in ("head_dim", "head_layers", "num_samples",
@@ -182,6 +191,7 @@ EXPERIMENTS = {
     "curves_4x128": dict(runs=lambda: curves("4x128"), positions=2048, post=temperature_curve, post_positions=1024,
                          prompts=16, temperatures=TEMPERATURES),
     "curves_6x192": dict(runs=lambda: curves("6x192"), positions=2048),
+    "recipe_6x192": dict(runs=recipe_6x192, positions=2048),
     "heads": dict(runs=lambda: head_runs("4x128", 2), positions=2048, post=head_steps, post_positions=1024,
                   prompts=16, steps=STEPS),
     "smoke_curves": dict(runs=lambda: curves("1x32"), post=temperature_curve, temperatures=[1.0, 0.5], **SMOKE),
