@@ -25,7 +25,6 @@ samples, alpha = 1, kl_weight 1e-3, kl_clip 0.5, p = 0.15, and a constant learni
 Our additions: a learned start vector is the first backbone input (predicts chunk 0, so every position of a
 window is trained); prompts are left-padded with token 0 to a multiple of K.
 """
-import math
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -340,7 +339,7 @@ def calm_prepare(args, data):
         return []
     path = default_autoencoder(args)
     flags = autoencoder_flags(os.path.dirname(path), args, data.name, data.tokenizer.name)
-    return [("the autoencoder (no --autoencoder given)", path, [s for k, v in flags.items() for s in (f"--{k}", str(v))])]
+    return [("the autoencoder (no --autoencoder given)", path, flags)]
 
 
 def build_calm(gcfg, args, data):

@@ -7,7 +7,8 @@
                         load_model: (model, objective, saved args, tokenizer) from a checkpoint
   command line          OneLineParser: every error is one line; every int/float flag is checked against
                         NUMBER_RULES (a new flag is covered without writing anything); args.typed = the flags
-                        the user typed; pick_device: 'auto', or a device that really exists
+                        the user typed; to_argv: a dict of flags back into a command line; pick_device:
+                        'auto', or a device that really exists
   out_dir lock          OutDirLock: an OS lock (flock) on <out_dir>/.lock, released by the OS when the holder
                         dies, so a killed run never leaves a stuck lock
   progress              Progress: 'what: done/total | rate | ETA' on stderr for long loops
@@ -128,6 +129,11 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(message)
+
+
+def to_argv(flags):
+    """{"max_iters": 10, ..} -> ["--max_iters", "10", ..]: flags for train.py's parser."""
+    return [s for k, v in flags.items() for s in (f"--{k}", str(v))]
 
 
 def parse_bool(text):

@@ -18,8 +18,8 @@ NTP in runtime.py, which also finds objectives by name, saves and loads checkpoi
                                                   defaults per --preset (CALM's recipe), over PRESETS
   draw(model, ctx, n_tokens, generator, args)     optional: (B, n_tokens) sampled continuations of ctx (B, T),
                                                   what BrierLM needs (default: generate at temperature 1)
-  prepare(args, data) -> [(what, path, argv)]     optional: models to train first with these train.py flags
-                                                  when path is missing (CALM's autoencoder)
+  prepare(args, data) -> [(what, path, flags)]    optional: models to train first with these train.py flags
+                                                  (a dict) when path is missing (CALM's autoencoder)
 The loop below knows nothing else about any objective.
 """
 import dataclasses
@@ -40,7 +40,7 @@ from data import load_data
 from gpt import GPTConfig, UserError
 from runtime import (NTP, REGISTRY, OneLineParser, OutDirLock, default_draw, duration, first_non_finite,  # noqa: F401
                      get_objective, gpt_config, load_checkpoint, model_keys, ntp_generate, ntp_loss, parse_bool,
-                     pick_device, save_checkpoint)
+                     pick_device, save_checkpoint, to_argv)
 # (NTP, the objective registry, checkpoints, devices and the parser live in runtime.py, below the paper files;
 #  the names above stay importable from train for notebooks and bench/.)
 
@@ -298,12 +298,13 @@ def fit(args, objective, world, rank, ckpt_path):
     data = load_data(args.dataset, args.tokenizer or objective.get("default_tokenizer"))
     args.dataset, args.tokenizer = data.name, data.tokenizer.name  # what was really used (after any fallback)
     data.random_offsets("val", 1, args.block_size)  # block_size larger than the data: a clear error now
-    for what, path, argv in objective.get("prepare", lambda a, d: [])(args, data) if not args.resume else []:
-        if os.path.exists(path):
-            log(f"{args.objective}: reusing {what} at {path}")
-        else:
-            log(f"{args.objective}: training {what} first into {path}")
-            train(*parse_args(argv))
+    if "prepare" in objective and not args.resume:
+        for what, path, flags in objective["prepare"](args, data):
+            if os.path.exists(path):
+                log(f"{args.objective}: reusing {what} at {path}")
+            else:
+                log(f"{args.objective}: training {what} first into {path}")
+                train(*parse_args(to_argv(flags)))
     model = objective["build"](gpt_config(args, data.vocab_size), args, data).to(args.device)
     optimizer = make_optimizer(model, args, args.device)
     batch_gen = torch.Generator().manual_seed(args.seed)  # the data position: same on every rank

@@ -25,6 +25,7 @@ import calm
 import train
 from data import load_data
 from gpt import UserError
+from runtime import load_checkpoint, to_argv
 from sample import load_model
 
 from bench import calm_experiments
@@ -201,10 +202,6 @@ EXPERIMENTS = {
 
 # ----------------------------------------------------------------------------- running and recording
 
-def to_argv(flags):
-    return [s for k, v in flags.items() for s in (f"--{k}", str(v))]
-
-
 class Locked:
     """An exclusive file lock (two shards write the same results file, or want the same autoencoder)."""
 
@@ -288,7 +285,7 @@ def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WOR
         flags["autoencoder"] = autoencoder(flags["chunk_size"], work, spec.get("ae_iters"), flags.get("latent_dim"))
     record_flags = {k: v for k, v in flags.items() if k != "autoencoder"}
     ckpt = os.path.join(out_dir, "ckpt.pt")
-    at = torch.load(ckpt, weights_only=False)["iter"] if os.path.exists(ckpt) else 0
+    at = load_checkpoint(ckpt)["iter"] if os.path.exists(ckpt) else 0
     base = dict(out_dir=out_dir, lr_decay_iters=max(points), eval_iters=2, brier_positions=0, sample_tokens=0,
                 log_interval=10 ** 9, **flags)
     seconds = done[at]["train_seconds"] if at in done else 0.0  # training time so far, across restarts
@@ -301,7 +298,7 @@ def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WOR
             train.run_quietly(to_argv({**base, "max_iters": end, "eval_interval": end}) + resume)
             at = end
         seconds += time.time() - t
-        metrics = torch.load(ckpt, weights_only=False)["metrics"]
+        metrics = load_checkpoint(ckpt)["metrics"]
         scores, model, args = score(ckpt, data, spec["positions"])
         per_token = train_flops_per_token(model, args.block_size, getattr(args, "num_samples", 8))
         point = dict(iter=end, train_flops=per_token * end * args.batch_size * args.block_size,

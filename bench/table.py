@@ -53,6 +53,7 @@ import train
 from data import load_data
 from gpt import UserError
 from mtp import MTP, speculative_generate
+from runtime import to_argv
 from sample import load_model
 
 from bench import core
@@ -82,10 +83,6 @@ def common_flags(p, device):
     flags = dict(dataset="shakespeare", tokenizer="bytes", device=device, batch_size=p["batch_size"],
                  eval_iters=2, brier_positions=0, sample_tokens=0, overwrite=True, **p["model"])
     return flags
-
-
-def to_argv(flags):
-    return [s for k, v in flags.items() for s in (f"--{k}", str(v))]
 
 
 def architecture(flags):
