@@ -295,6 +295,14 @@ def test_mismatched_autoencoder_is_a_one_line_error(ae_ckpt, tmp_path, capsys, f
     assert words in err
 
 
+def test_a_missing_autoencoder_path_is_a_one_line_error_and_nothing_is_trained(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "ckpt.pt"
+    err = one_line_error(capsys, train.main, TINY + ["--objective", "calm", "--autoencoder", str(missing),
+                                                     "--out_dir", str(tmp_path / "run")])
+    assert f"no autoencoder at {missing}" in err
+    assert not missing.exists() and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--flow_steps", "5"], "--flow_steps is a flag of --head flow, not of --head energy"),
     (["--head", "flow", "--diffusion_steps", "5"], "--diffusion_steps is a flag of --head diffusion"),
