@@ -1,15 +1,18 @@
 """One check per exercise: the student's function against the repository's (always through reference.py, the one
 door to the repository) and, where there is one, against the definition written out independently here (a loop,
-a closed form or a property). Each check prints one PASS/FAIL line (compare.run) and never raises."""
+a closed form or a property); the return type and dtype the statement names; and, where the statement promises how
+the answer is computed, a watch on the computation itself that counts instead of timing (compare.Tensors: the
+entries every tensor operation reads and writes, the tensors alive at once; compare.Calls: the torch functions
+called). Each check prints one PASS/FAIL line (compare.run) and never raises."""
 import math
-import numbers
 import weakref
 
 import torch
 import torch.nn.functional as F
 
 import reference as ref
-from compare import Mismatch, call, case, largest_tensor, run, same, same_function, summary  # noqa: F401
+from compare import (Calls, Mismatch, Tensors, call, case, python_float, run, same,  # noqa: F401
+                     same_function, summary, token_list)
 
 
 def rng(seed):
@@ -44,9 +47,9 @@ def rope_tables(student):
                 i, t = torch.arange(hs // 2, dtype=torch.float64), torch.arange(T, dtype=torch.float64)
                 angle = t[:, None] * base ** (-2 * i / hs)[None]                 # definition: t * theta_i
                 for g, w, d, name in zip(got, ref.rope_tables(hs, T, base), (angle.cos(), angle.sin()), ("cos", "sin")):
-                    same(g, w, f"{name} vs gpt.rope_tables", dtype="float")
+                    same(g, w, f"{name} vs gpt.rope_tables (float32 tables, as the statement asks)")
                     same(g, d, f"{name} vs the definition {name}(t * base^(-2i/d))", atol=1e-4, dtype=None)
-        return f"{len(cases)} cases match gpt.rope_tables and the definition"
+        return f"{len(cases)} cases match gpt.rope_tables (float32) and the definition"
     return run("1.1", "rope_tables", body)
 
 
@@ -79,7 +82,7 @@ def apply_rope(student):
 
 def attention_definition(q, k, v):
     """Query i of the T new ones sits at position Tk - T + i and attends to keys 0 .. Tk - T + i (a loop)."""
-    T, Tk = q.size(-2), k.size(-2)
+    T, Tk = q.shape[-2], k.shape[-2]
     rows = []
     for i in range(T):
         seen = Tk - T + i + 1
@@ -88,7 +91,26 @@ def attention_definition(q, k, v):
     return torch.cat(rows, dim=-2)
 
 
+FUSED_ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "multi_head_attention")
+
+
+def without_fused_attention(student):
+    """The student's function, watched: a Mismatch if it calls F.scaled_dot_product_attention or a kernel like it
+    (seen both as a torch function call and as the aten operation it dispatches to)."""
+    def watched(*args):
+        with Calls() as calls, Tensors() as ops:
+            out = call(student, *args)
+        used = [n for names in (calls.names, ops.ops) for n in sorted(names) if any(f in n for f in FUSED_ATTENTION)]
+        if used:
+            raise Mismatch(f"your function calls {used[0]}: the exercise is to write the attention yourself "
+                           "(scores, mask, softmax, weighted sum of v)")
+        return out
+    return watched
+
+
 def cached_attention(student):
+    student = without_fused_attention(student)
+
     def body():
         cases = [("no cache: 5 new positions", 1, 1, 0, 5), ("one new query after 8 cached keys", 1, 2, 8, 1),
                  ("3 new queries after 4 cached keys, B = 2, 3 heads", 2, 3, 4, 3), ("2 new after 6 cached", 1, 2, 6, 2)]
@@ -103,7 +125,7 @@ def cached_attention(student):
                         v=randn(1, 2, 7, 4, seed=11, dtype=torch.float64))
             same_function(student, attention_definition, args, "vs the definition", grad=("q", "k", "v"))
         return f"{len(cases) + 1} cases match gpt.CausalSelfAttention's cached attention and the definition, " \
-               "values and gradients"
+               "values and gradients, without a fused attention kernel"
     return run("1.3", "cached_attention", body)
 
 
@@ -150,13 +172,17 @@ def two_sample_brier(student):
                  ("max_n = 1", randint(3, 50, 1, seed=3), randint(3, 50, 1, seed=4), randint(3, 50, 1, seed=5), 1),
                  ("rows longer than max_n", randint(2, 30, 6, seed=6), randint(2, 30, 6, seed=7),
                   randint(2, 30, 6, seed=8), 4),
+                 ("max_n = 2 on rows of 5 tokens", randint(2, 40, 5, seed=10), randint(2, 40, 5, seed=11),
+                  randint(2, 40, 5, seed=12), 2),
+                 ("max_n = 3 on rows of 4 tokens", randint(2, 40, 4, seed=13), randint(2, 40, 4, seed=14),
+                  randint(2, 40, 4, seed=15), 3),
                  ("both samples equal the reference", y, y, y, 4), ("both samples equal, reference different", y, y,
                                                                     (y + 1) % 3, 4)]
         for label, x1, x2, yy, n in cases:
             with case(label):
                 args = dict(x1=x1, x2=x2, y=yy, max_n=n)
-                same_function(student, ref.two_sample_estimates, args, "vs brierlm.two_sample_estimates", dtype="float")
-                same(call(student, x1, x2, yy, n), brier_definition(x1, x2, yy, n), "vs the definition", dtype="float")
+                same_function(student, ref.two_sample_estimates, args, "vs brierlm.two_sample_estimates (float32)")
+                same(call(student, x1, x2, yy, n), brier_definition(x1, x2, yy, n), "vs the definition")
         with case("unbiased: the mean over 20000 draws of a known distribution must be within 5 s.e. of "
                   "2 P(y) - sum P^2"):
             p, g = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05]), rng(9)
@@ -197,10 +223,7 @@ def brierlm(student):
                  ("n = 1", [0.25])]
         for label, briers in cases:
             with case(label):
-                got = call(student, list(briers))
-                if not isinstance(got, numbers.Real) and not torch.is_tensor(got):
-                    raise Mismatch(f"expected a number, got {type(got).__name__}")
-                got = float(got)
+                got = python_float(call(student, list(briers)), "returned")
                 definition = 100 * math.exp(sum(map(math.log, briers)) / len(briers)) if min(briers) > 0 else 0.0
                 same(got, ref.brierlm_score(briers), "vs brierlm.brierlm_from_briers")
                 same(got, definition, "vs the definition 100 (prod Brier-n)^(1/n), 0 when a Brier-n <= 0")
@@ -211,37 +234,33 @@ def brierlm(student):
 # ============================================================================= 3. MTP
 
 class Watch:
-    """Counts, while the student's function runs: trunk forwards, trunk backwards, and how many earlier heads still
-    have logits-sized tensors saved by autograd (for their backward) when a head computes its logits (saved-tensor
-    hooks and weak references: the watch itself keeps nothing alive)."""
+    """Counts, while the student's function runs: trunk forwards, trunk backwards, and, each time a head starts
+    (the shared unembedding is called), how many earlier heads still have a logits-sized tensor alive: their
+    logits, log-probabilities or logits gradients, whether kept by autograd for a backward that has not run yet or
+    by the student's own variables, lists or dicts. Every tensor created is seen (a dispatch mode) and followed by
+    a weak reference, so the watch itself keeps nothing alive."""
 
-    class Saved:  # what autograd stores instead of a saved tensor while the watch is on
-        def __init__(self, tensor):
-            self.tensor = tensor
-
-    def __init__(self, model):
-        self.forwards = self.backwards = self.max_alive = self.heads = 0
-        self.saved = []  # (weak reference, shape, the number of heads that had run when it was saved)
-        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # saved weights are not logits
+    def __init__(self, model, vocab_size, smallest):
+        self.forwards = self.backwards = self.max_held = 0
+        self.head, self.held_at, self.logits = -1, None, []  # logits: (weak reference, head that was running)
+        self.V, self.smallest = vocab_size, smallest
         self.hooks = [ref.trunk_first_block(model).register_forward_hook(self.on_forward),
-                      ref.unembedding(model).register_forward_hook(self.on_logits),
+                      ref.unembedding(model).register_forward_pre_hook(self.on_head),
                       ref.trunk_parameter(model).register_hook(self.on_backward)]
-        self.saving = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda saved: saved.tensor)
+        self.tensors = Tensors(created=self.created)
 
     def __enter__(self):
-        self.saving.__enter__()
+        self.tensors.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.saving.__exit__(*exc)
+        self.tensors.__exit__(*exc)
         for h in self.hooks:
             h.remove()
 
-    def pack(self, tensor):
-        saved = Watch.Saved(tensor)
-        if tensor.untyped_storage().data_ptr() not in self.weights:
-            self.saved.append((weakref.ref(saved), tuple(tensor.shape), self.heads))
-        return saved
+    def created(self, t, storage):
+        if t.dim() >= 2 and t.shape[-1] == self.V and t.numel() >= self.smallest:
+            self.logits.append((weakref.ref(storage), self.head))
 
     def on_forward(self, *_):
         self.forwards += 1
@@ -249,12 +268,12 @@ class Watch:
     def on_backward(self, grad):
         self.backwards += 1
 
-    def on_logits(self, module, inputs, out):
-        V, size = out.shape[-1], out.numel()
-        holding = {head for r, shape, head in self.saved
-                   if r() is not None and shape[-1:] == (V,) and math.prod(shape) >= size // 2}
-        self.max_alive = max(self.max_alive, len(holding))
-        self.heads += 1
+    def on_head(self, *_):
+        self.head += 1
+        held = {head for r, head in self.logits if head < self.head and r() is not None}
+        if len(held) > self.max_held:
+            self.max_held, self.held_at = len(held), self.head
+        self.logits = [(r, head) for r, head in self.logits if r() is not None]
 
 
 def head_by_head_backward(student):
@@ -271,13 +290,13 @@ def head_by_head_backward(student):
                 want_loss = ref.mtp_efficient_backward(model, x, y)
                 want = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
                 model.zero_grad(set_to_none=True)
-                with Watch(model) as watch:
+                with Watch(model, 97, smallest=2 * 97) as watch:
                     got_loss = call(student, model, x, y)
-                same(got_loss, want_loss, "total loss (the sum of the heads' losses)", dtype=None)
+                same(python_float(got_loss, "returned"), want_loss, "total loss (the sum of the heads' losses)")
                 for name, p in model.named_parameters():
                     if name in want and p.grad is None:
-                        raise Mismatch(f"gradient of {name}: none (the trunk's backward, z.backward(z_leaf.grad), "
-                                       "must run once at the end)" if name.startswith("trunk.") else
+                        raise Mismatch(f"gradient of {name}: none (the trunk's backward, from z with the heads' "
+                                       "summed gradient, must run once at the end)" if name.startswith("trunk.") else
                                        f"gradient of {name}: none")
                     if name in want:
                         same(p.grad, want[name], f"gradient of {name} vs mtp.mtp_forward_backward")
@@ -287,28 +306,15 @@ def head_by_head_backward(student):
                 if watch.backwards != 1:
                     raise Mismatch(f"the trunk's backward ran {watch.backwards} times: let the heads' gradients "
                                    "accumulate in z_leaf.grad and backpropagate the trunk once")
-                if watch.max_alive > 1:
-                    raise Mismatch(f"memory: autograd still held the logits of {watch.max_alive} earlier heads when a "
-                                   "head computed its own; call backward on each head's loss before the next head "
-                                   "runs")
+                if watch.max_held > 1:
+                    raise Mismatch(f"memory: when your code computed logits (call {watch.held_at + 1} of the "
+                                   f"shared unembedding), logits-sized tensors of {watch.max_held} earlier heads were still alive (their "
+                                   "logits, their graph kept for a later backward, or a list of them): O(n V) memory. "
+                                   "Finish each head (logits, loss, backward) and keep none of its logits before the "
+                                   "next head runs")
         return f"{len(cases)} cases: the loss and every gradient equal mtp.mtp_forward_backward's, one trunk " \
                "forward and backward, one head's logits at a time"
     return run("3.1", "head_by_head_backward", body)
-
-
-def verify_definition(drafts, greedy):
-    k = 0
-    while k < len(drafts) and drafts[k] == greedy[k]:
-        k += 1
-    return list(drafts[:k]) + [greedy[k]]
-
-
-def as_token_list(got):
-    if torch.is_tensor(got):
-        got = got.tolist()
-    if not isinstance(got, (list, tuple)) or not all(isinstance(t, numbers.Integral) for t in got):
-        raise Mismatch(f"expected a list of token ids, got {got!r}")
-    return [int(t) for t in got]
 
 
 def speculative_with(verify, model, prompt, max_new):
@@ -322,7 +328,7 @@ def speculative_with(verify, model, prompt, max_new):
         start = ref.cache_length(cache)
         greedy, proposals = ref.mtp_step(model, [out[-1]] + drafts[:m - 1], start, cache)
         forwards += 1
-        new = as_token_list(call(verify, list(drafts[:m - 1]), list(greedy)))
+        new = token_list(call(verify, list(drafts[:m - 1]), list(greedy)), "returned")
         if not 1 <= len(new) <= m:
             raise Mismatch(f"verify returned {len(new)} tokens for {m - 1} drafts: it must return the accepted "
                            f"drafts plus head 1's own token, 1 to {m} tokens")
@@ -334,13 +340,14 @@ def speculative_with(verify, model, prompt, max_new):
 
 def verify_greedy(student):
     def body():
-        cases = [("all drafts accepted", [5, 6, 7], [5, 6, 7, 8]), ("the second draft rejected", [5, 6, 7], [5, 9, 7, 8]),
-                 ("the first draft rejected", [1, 2, 3], [4, 2, 3, 0]), ("no drafts", [], [3]),
-                 ("a later match after a rejection does not count", [7, 2, 3], [1, 2, 3, 4])]
-        for label, drafts, greedy in cases:
+        cases = [("all drafts accepted", [5, 6, 7], [5, 6, 7, 8], [5, 6, 7, 8]),
+                 ("the second draft rejected", [5, 6, 7], [5, 9, 7, 8], [5, 9]),
+                 ("the first draft rejected", [1, 2, 3], [4, 2, 3, 0], [4]), ("no drafts", [], [3], [3]),
+                 ("a later match after a rejection does not count", [7, 2, 3], [1, 2, 3, 4], [1]),
+                 ("repeated tokens", [2, 2, 2], [2, 2, 5, 2], [2, 2, 5])]
+        for label, drafts, greedy, want in cases:
             with case(f"{label}: drafts {drafts}, head 1's tokens {greedy}"):
-                got = as_token_list(call(student, list(drafts), list(greedy)))
-                want = verify_definition(drafts, greedy)
+                got = token_list(call(student, list(drafts), list(greedy)), "returned")
                 if got != want:
                     raise Mismatch(f"returned {got}, expected {want}")
         total = 0
@@ -358,7 +365,7 @@ def verify_greedy(student):
                 if got != spec[0].tolist() or forwards != their_forwards:
                     raise Mismatch(f"{forwards} forwards where mtp.speculative_generate needs {their_forwards}")
                 total += accepted
-        return f"{len(cases)} cases match the definition; decoding with it equals greedy decoding and " \
+        return f"{len(cases)} cases give the expected tokens; decoding with it equals greedy decoding and " \
                f"mtp.speculative_generate token for token and forward for forward ({total} drafts accepted)"
     return run("3.2", "verify_greedy", body)
 
@@ -371,7 +378,7 @@ def energy_definition(x, y, alpha):
     dist = lambda a, b: ((a - b) ** 2).sum(-1).sqrt() ** alpha  # noqa: E731 (P,)
     fit = sum(dist(x[n], y[m]) for n in range(N) for m in range(M)) / (N * M)
     spread = sum(dist(x[n], x[o]) for n in range(N) for o in range(N) if o != n) / (N * (N - 1))
-    return 2 * fit - spread
+    return fit * 2 - spread
 
 
 def energy_loss(student):
@@ -389,8 +396,16 @@ def energy_loss(student):
         with case("two model samples identical (distance 0: the gradient must stay finite)"):
             x = randn(4, 3, 2, seed=5)
             x[1] = x[0]
-            same_function(student, ref.energy_loss, dict(x=x, y=randn(6, 3, 2, seed=6), alpha=1.0),
-                          "vs calm_heads.energy_loss", grad=("x",))
+            try:
+                same_function(student, ref.energy_loss, dict(x=x, y=randn(6, 3, 2, seed=6), alpha=1.0),
+                              "vs calm_heads.energy_loss", grad=("x",))
+            except Mismatch as e:
+                if "value differs" in str(e) or "gradient" in str(e):
+                    raise Mismatch(f"{e}. Here ||x_0 - x_1|| = 0 is a pair n != n': if you clamp, clamp the "
+                                   "SQUARED distance at 1e-12 (a larger clamp such as 1e-6 changes the value by more "
+                                   "than the check's 1e-5), or compute the distance so that 0 gets a finite "
+                                   "gradient") from None
+                raise
         with case("proper: samples of the target must score lower than a point mass at its mean or a shifted model"):
             y = randn(256, 32, 1, seed=7, dtype=torch.float64)                  # target N(0, 1), 32 positions
             scores = {name: float(call(student, x, y, 1.0).mean()) for name, x in
@@ -479,6 +494,35 @@ def dispersion_definition(h):
     return (1 - cos)[..., ~torch.eye(N, dtype=torch.bool)].sum(-1) / (N * (N - 1))
 
 
+def linear_cost(student, d=4, sizes=(256, 2048), per_entry=200, memory_per_entry=16):
+    """O(N d) time and memory, counted (not timed, so a busy machine cannot change the verdict): the student's
+    function runs on N = 256 and N = 2048 vectors of dimension d under a Tensors watch. Its work (entries read
+    and written by every tensor operation) must stay under per_entry * N * d and grow about 8x (at most 16x;
+    anything that touches the N^2 pairs, at once, row by row or in chunks, grows 64x and is stopped at the
+    budget), and at most memory_per_entry * N * d entries may be alive at once."""
+    work = {}
+    for N in sizes:
+        with case(f"O(N d): N = {N} vectors of dimension {d}"):
+            def over(spent, N=N):
+                return (f"time: your function did more than {spent:,} element operations ({spent / (N * d):.0f} N d) "
+                        f"and was stopped; O(N d) needs about {N * d:,} x a small constant. It touches the N^2 "
+                        "pairs (a pairwise matrix, torch.pdist/cdist, or a loop over rows or chunks): use the sum "
+                        "of the unit vectors instead")
+            with Tensors(budget=per_entry * N * d, on_budget=over) as watch:
+                call(student, randn(N, d, seed=N))
+            if watch.peak > memory_per_entry * N * d:
+                raise Mismatch(f"memory: {watch.peak:,} entries of tensors your function created were alive at once "
+                               f"(the largest tensor {watch.largest:,} entries; N d = {N * d:,}): O(N d) memory "
+                               "holds no N^2 or N(N-1)/2 pairwise values")
+            work[N] = watch.work
+    small, large = sizes
+    growth = work[large] / max(work[small], 1)
+    if growth > 2 * large / small:
+        raise Mismatch(f"time: your function's element operations grew {growth:.0f}x from N = {small} to N = {large} "
+                       f"({large // small}x more vectors; O(N d) grows {large // small}x, O(N^2 d) "
+                       f"{(large // small) ** 2}x): it touches the N^2 pairs")
+
+
 def dispersion(student):
     def body():
         e = torch.eye(6)
@@ -494,14 +538,9 @@ def dispersion(student):
                               atol=1e-5)
                 same(call(student, h), dispersion_definition(h.double()), "vs the definition (full cosine matrix)",
                      dtype=None, atol=1e-5)
-        N, d = 1024, 8
-        with case(f"O(N d): N = {N} vectors of dimension {d}"):
-            size = largest_tensor(student, randn(N, d, seed=5))
-            if size is not None and size >= N * N // 2:
-                raise Mismatch(f"your function built a tensor of {size:,} entries (N^2 = {N * N:,}): that is the "
-                               "pairwise matrix; use the sum of the unit vectors instead")
-        checked = "no tensor of N^2 entries" if size is not None else "O(N d) not checked (no dispatch mode here)"
-        return f"{len(cases)} cases match dispersion.dispersion (values, gradients) and the definition; {checked}"
+        linear_cost(student)
+        return f"{len(cases)} cases match dispersion.dispersion (values, gradients) and the definition; " \
+               "time and memory grow like N d"
     return run("5.1", "dispersion", body)
 
 

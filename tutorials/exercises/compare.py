@@ -6,8 +6,12 @@ import contextlib
 import numbers
 import os
 import traceback
+import weakref
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 RESULTS = {}  # exercise id -> (passed, message); the latest run of each check
 
@@ -155,23 +159,91 @@ def same_function(student, expected, args, what, grad=(), **tolerances):
         same(g, gw, f"gradient with respect to {name}", **tolerances)
 
 
-def largest_tensor(fn, *args):
-    """The number of entries of the largest tensor any torch operation creates while fn(*args) runs (None where
-    this torch has no dispatch mode to watch with). How the O(N d) exercises spot an (N, N) matrix."""
-    try:
-        from torch.utils._python_dispatch import TorchDispatchMode
-    except ImportError:
-        return None
+class TooMuchWork(Mismatch):
+    """Raised from inside the student's code by a Tensors watch whose budget of element operations ran out."""
 
-    class Largest(TorchDispatchMode):
-        size = 0
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if torch.is_tensor(t):
-                    self.size = max(self.size, t.numel())
+class Tensors(TorchDispatchMode):
+    """Watches every tensor operation while it is active (below autograd, so it also sees what torch functions,
+    modules and backward passes do inside), and counts, independently of the machine's speed:
+      work     entries read and written by every operation that computes (views are free): an operation count
+               that grows like N^2 for anything that touches all N^2 pairs, a loop over rows or chunks included;
+      live     entries of the tensors created while watching whose memory is still in use (weak references to
+               their storages, which live as long as any tensor, view or autograd record uses them: the watch
+               itself keeps nothing alive); peak is its maximum, largest the largest single tensor;
+      ops      the names of the aten operations that ran.
+    budget (entries): over it, the next operation raises TooMuchWork(on_budget(work)) inside the student's code,
+    so that an O(N^2) loop stops at once. created(tensor, storage) is called for every tensor created."""
+
+    def __init__(self, budget=None, on_budget=None, created=None):
+        super().__init__()
+        self.work = self.live = self.peak = self.largest = 0
+        self.ops = set()
+        self.budget, self.on_budget, self.created = budget, on_budget, created
+
+    def freed(self, n):
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.add(func.__name__)
+        if func.is_view:
             return out
-    with Largest() as watch:
-        call(fn, *args)
-    return watch.size
+        inputs = [a for a in tree_leaves((args, kwargs)) if torch.is_tensor(a)]
+        storages = {a.untyped_storage().data_ptr() for a in inputs}
+        self.work += sum(a.numel() for a in inputs)
+        for t in tree_leaves(out):
+            if not torch.is_tensor(t):
+                continue
+            self.work += t.numel()
+            if t.untyped_storage().data_ptr() in storages:  # in place, or out=: no new memory
+                continue
+            self.live += t.numel()
+            self.peak, self.largest = max(self.peak, self.live), max(self.largest, t.numel())
+            storage = t.untyped_storage()  # lives as long as any tensor, view or autograd record that uses it
+            weakref.finalize(storage, self.freed, t.numel()).atexit = False
+            if self.created is not None:
+                self.created(t, storage)
+        if self.budget is not None and self.work > self.budget:
+            self.budget = None  # raise once
+            raise TooMuchWork(self.on_budget(self.work) if self.on_budget else f"more than {self.work:,} operations")
+        return out
+
+
+class Calls(TorchFunctionMode):
+    """Records the name of every torch function called while it is active (F.scaled_dot_product_attention,
+    torch.pdist, ...), however the student imported it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def describe(x):
+    """What a value is, for a FAIL line: 'a tensor of shape (3,) and dtype torch.float32', 'a list', ..."""
+    if torch.is_tensor(x):
+        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"{'an' if type(x).__name__[0] in 'aeiou' else 'a'} {type(x).__name__}"
+
+
+def python_float(got, what):
+    """Mismatch unless got is a Python float (a numpy float64 is one; a tensor, an int or a bool is not)."""
+    if isinstance(got, bool) or not isinstance(got, float):
+        tip = ": turn a one-element tensor into a float with .item()" if torch.is_tensor(got) else ""
+        raise Mismatch(f"{what}: expected a Python float, got {describe(got)}{tip}")
+    return got
+
+
+def token_list(got, what):
+    """Mismatch unless got is a list of Python ints (token ids); returns it."""
+    def is_int(t):
+        return isinstance(t, int) and not isinstance(t, bool)
+    if isinstance(got, list) and all(map(is_int, got)):
+        return got
+    odd = f" holding {describe(next(t for t in got if not is_int(t)))}" if isinstance(got, list) else ""
+    tip = " (.tolist() turns a tensor into one)" if torch.is_tensor(got) or odd else ""
+    raise Mismatch(f"{what}: expected a list of Python ints, got {describe(got)}{odd}{tip}")

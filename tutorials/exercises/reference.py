@@ -9,7 +9,20 @@ import os
 import sys
 from types import SimpleNamespace
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+def repository_root():
+    """The nearest folder above this file that holds the repository (its gpt.py): the clone this kit lies in, as
+    tutorials/exercises/ or as a students' handout folder copied anywhere inside it (build.py --handout)."""
+    here = folder = os.path.dirname(os.path.abspath(__file__))
+    while not os.path.exists(os.path.join(folder, "gpt.py")):
+        if os.path.dirname(folder) == folder:
+            raise ImportError(f"reference.py: no repository (gpt.py) in {here} or any folder above it: the exercises "
+                              "must lie inside a clone of the repository")
+        folder = os.path.dirname(folder)
+    return folder
+
+
+ROOT = repository_root()
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

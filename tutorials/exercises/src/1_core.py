@@ -6,10 +6,12 @@
 # generation cost one new position per token instead of the whole sequence.
 #
 # How the exercises work: each one states the equation, gives you a function whose body is
-# `raise NotImplementedError(...)` (the message is a hint), and follows it with a **check cell**. The check runs
-# your function and the repository's on random inputs and edge cases and prints one line: `PASS ...`, or
-# `FAIL ...` followed by what differs (the shape, the dtype, a value, a gradient) and in which case. A check never
-# stops the notebook, so *Run all* works at any time. Read `gpt.py` (under 250 lines) beside this notebook.
+# `raise NotImplementedError(...)` (the message is a first, short hint; a fuller **Hint 2** is folded under the
+# statement, open it when you are stuck), and follows it with a **check cell**. The check runs your function and
+# the repository's on random inputs and edge cases and prints one line: `PASS ...`, or `FAIL ...` followed by what
+# differs (the shape, the dtype, a value, a gradient, or how it was computed) and in which case. A check never
+# stops the notebook, so *Run all* works at any time. Each notebook ends with questions to answer in words.
+# Read `gpt.py` (under 250 lines) beside this notebook.
 #
 # Everything runs on a laptop CPU in seconds.
 
@@ -24,7 +26,19 @@
 # $$\phi_{t,i} = t\,\theta_i, \qquad \theta_i = \text{base}^{-2i/d}, \qquad i = 0, \dots, d/2 - 1,\quad \text{base} = 10000 .$$
 #
 # Low $i$ turn fast (they resolve nearby positions), high $i$ turn slowly (they reach far).
-# Write `rope_tables` returning the two tables $\cos\phi$ and $\sin\phi$, each of shape `(max_len, head_dim // 2)`.
+# Write `rope_tables` returning the two tables $\cos\phi$ and $\sin\phi$, each of shape `(max_len, head_dim // 2)`
+# and dtype **float32** (the dtype the model keeps them in).
+
+# %% [markdown]
+# <details><summary>Hint 2 (open it if you are stuck)</summary>
+#
+# `torch.arange(0, head_dim, 2, dtype=torch.float32)` gives the values $2i$, so $\theta$ is
+# `base ** (-that / head_dim)`. The angles are every position times every $\theta$: the outer product
+# `t[:, None] * theta[None, :]` (or `torch.outer(t, theta)`) with `t = torch.arange(max_len, dtype=torch.float32)`,
+# shape `(max_len, head_dim // 2)`. Then `cos` and `sin` of it. Building the ranges in float64 (or with numpy)
+# gives float64 tables, which the check rejects.
+#
+# </details>
 
 # %%
 def rope_tables(head_dim, max_len, base=10000.0):
@@ -34,7 +48,7 @@ def rope_tables(head_dim, max_len, base=10000.0):
     phi = torch.arange(max_len, dtype=torch.float32)[:, None] * theta[None, :]        # (T, d/2)
     return torch.cos(phi), torch.sin(phi)
     # END SOLUTION
-    # STUB raise NotImplementedError("exercise 1.1: theta = base ** (-2 i / head_dim) for i = 0..head_dim/2-1; the angles are the outer product of positions and theta")
+    # STUB raise NotImplementedError("exercise 1.1: first the d/2 frequencies theta_i, then one angle per (position, frequency) pair")
 
 # %%
 checks.rope_tables(rope_tables)
@@ -52,6 +66,16 @@ checks.rope_tables(rope_tables)
 # on $\phi_m - \phi_n$ only, i.e. on the **relative** position $m - n$ (the check tests exactly that).
 # Keep the output in `x`'s dtype (the tables are float32; a bfloat16 `x` must stay bfloat16).
 
+# %% [markdown]
+# <details><summary>Hint 2 (open it if you are stuck)</summary>
+#
+# The halves are `x[..., :d // 2]` ($x_1$) and `x[..., d // 2:]` ($x_2$). The matrix above gives the new first half
+# $x_1\cos\phi - x_2\sin\phi$ and the new second half $x_1\sin\phi + x_2\cos\phi$; `torch.cat(..., dim=-1)` joins
+# them. The tables `(T, d/2)` broadcast against `(B, nh, T, d/2)` as they are. Cast them with `.to(x.dtype)` first:
+# float32 tables times a bfloat16 `x` would give a float32 result.
+#
+# </details>
+
 # %%
 def apply_rope(x, cos, sin):
     """x (B, nh, T, d) rotated pair by pair; cos, sin (T, d/2) from rope_tables. Same shape and dtype as x."""
@@ -61,7 +85,7 @@ def apply_rope(x, cos, sin):
     c, s = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([first * c - second * s, first * s + second * c], dim=-1)
     # END SOLUTION
-    # STUB raise NotImplementedError("exercise 1.2: split x into halves x1 = x[..., :d/2], x2 = x[..., d/2:]; return cat(x1 cos - x2 sin, x1 sin + x2 cos) in x's dtype")
+    # STUB raise NotImplementedError("exercise 1.2: pair i is (x_i, x_{i+d/2}): work on the two halves of the last dimension")
 
 # %%
 checks.apply_rope(apply_rope)
@@ -74,7 +98,19 @@ checks.apply_rope(apply_rope)
 # computed earlier, and only $T$ new queries arrive. New query $j$ ($j = 0..T-1$) is at position $T_k - T + j$, so it
 # may attend to keys $0, \dots, T_k - T + j$: the mask is **not** the square lower triangle unless $T = T_k$.
 #
-# Write it without `F.scaled_dot_product_attention` (build the mask, fill the masked scores with $-\infty$, softmax).
+# Write it yourself: build the mask, fill the masked scores with $-\infty$, softmax. The check fails a function that
+# calls `F.scaled_dot_product_attention` (or another fused attention kernel), however it is imported.
+
+# %% [markdown]
+# <details><summary>Hint 2 (open it if you are stuck)</summary>
+#
+# `scores = q @ k.transpose(-2, -1) / d ** 0.5` has shape `(B, nh, T, Tk)`. The queries' absolute positions are
+# `torch.arange(Tk - T, Tk)` (as a column), the keys' `torch.arange(Tk)` (as a row); comparing them gives the `(T, Tk)`
+# boolean table of the keys each query must not see (key position > query position). `scores.masked_fill(that,
+# float('-inf'))`, `.softmax(dim=-1)`, then `@ v`. (`torch.ones(T, Tk, dtype=torch.bool).tril(diagonal=Tk - T)` is
+# the table of the visible keys in one call.)
+#
+# </details>
 
 # %%
 def cached_attention(q, k, v):
@@ -86,7 +122,7 @@ def cached_attention(q, k, v):
     scores = scores.masked_fill(torch.arange(Tk)[None, :] > query_pos, float("-inf"))  # no peeking ahead
     return scores.softmax(dim=-1) @ v
     # END SOLUTION
-    # STUB raise NotImplementedError("exercise 1.3: scores = q k^T / sqrt(d) (T, Tk); query j may see key i when i <= Tk - T + j; mask the rest with -inf, softmax, multiply by v")
+    # STUB raise NotImplementedError("exercise 1.3: new query j sits at position Tk - T + j; it may see every key up to that position")
 
 # %%
 checks.cached_attention(cached_attention)
@@ -106,6 +142,17 @@ checks.cached_attention(cached_attention)
 # new tokens fit in the model's window. The check compares your tokens with `GPT.generate(temperature=0)` and
 # counts the positions you feed.
 
+# %% [markdown]
+# <details><summary>Hint 2 (open it if you are stuck)</summary>
+#
+# Make the cache once, before the loop, and keep a variable with the tokens to feed next: the whole prompt at
+# first. Each of the `max_new_tokens` steps calls `ref.logits_with_cache` on those tokens; the argmax over the
+# vocabulary of the last position's logits (with `keepdim=True`, shape `(B, 1)`) is the new token. Append it to the
+# sequence with `torch.cat(..., dim=1)`, and it alone is what the next step feeds. With 0 new tokens the loop does
+# not run and the prompt comes back unchanged.
+#
+# </details>
+
 # %%
 @torch.no_grad()
 def generate_cached(model, idx, max_new_tokens):
@@ -118,10 +165,55 @@ def generate_cached(model, idx, max_new_tokens):
         idx = torch.cat([idx, feed], dim=1)
     return idx
     # END SOLUTION
-    # STUB raise NotImplementedError("exercise 1.4: cache = ref.new_cache(model); feed the prompt once, then only the token you just chose; next token = logits[:, -1].argmax(-1)")
+    # STUB raise NotImplementedError("exercise 1.4: one cache for the whole loop; after the prompt, each step feeds only the token it just chose")
 
 # %%
 checks.generate_cached(generate_cached)
+
+# %% [markdown]
+# ## Questions
+#
+# Answer in a few sentences each, in the cell under the question.
+#
+# **Q1.** RoPE turns the query at position $m$ and the key at position $n$ by angles that depend on their absolute
+# positions. Why does their dot product depend only on $m - n$, and why does this let the KV cache store each key
+# once, already rotated?
+
+# %% [answer]
+# A rotation $R(\phi)$ is orthogonal, $R(\phi)^\top = R(-\phi)$, and rotations of one plane add up:
+# $R(a)^\top R(b) = R(b - a)$. Pair by pair, $(R(m\theta_i)q)\cdot(R(n\theta_i)k) = q^\top R((n - m)\theta_i)\,k$, so
+# the score depends on the positions only through $n - m$ (the check of 1.2 compares (3, 1) with (20, 18)). A key's
+# rotation depends on nothing but its own position, which never changes once the token is in the sequence: it can
+# be rotated once, when it is computed, and cached as it is. What the cache needs in return is that each new token
+# is rotated by its true absolute position, counted from the length of the cache.
+
+# %% [markdown]
+# **Q2.** Generating $n$ tokens after a prompt of $T$ tokens: how much work does the model do per step without a
+# KV cache and with one, and what does the cache cost in memory?
+
+# %% [answer]
+# Without a cache, step $s$ runs the whole sequence of $T + s$ positions through every layer: $O(T + s)$ positions
+# of projections and MLPs and $O((T + s)^2)$ attention scores, so $O(n(T + n))$ positions and $O(n(T + n)^2)$
+# scores in all. With the cache, the prompt runs once and each step runs one position: its projections and MLP
+# are $O(1)$ positions and its attention reads the $T + s$ cached keys, $O(T + s)$, so $O(n(T + n))$ scores in all.
+# The price is memory: a key and a value vector of size `n_embd` per layer and per position, $2 \times$ n_layer
+# $\times (T + n) \times$ n_embd numbers per sequence, growing with the length. Exercise 1.4's check counts the
+# positions fed: at most $T + n$.
+
+# %% [markdown]
+# **Q3.** In exercise 1.3, why is the mask not the square lower triangle when $T < T_k$? What would attention with
+# the usual causal mask (`tril` of a $T \times T_k$ matrix, or `is_causal=True` of
+# `F.scaled_dot_product_attention`) compute for a single new token after 8 cached ones?
+
+# %% [answer]
+# The $T$ new queries are the last $T$ of $T_k$ positions: query $j$ sits at position $T_k - T + j$ and may see keys
+# $0, \dots, T_k - T + j$, a triangle aligned to the bottom-right corner of the $T \times T_k$ score matrix.
+# `torch.ones(T, Tk).tril()` (and `is_causal=True`, which builds that) aligns the triangle to the top-left: query
+# $j$ would see only keys $0..j$. For one new token ($T = 1$, $T_k = 9$) it would attend to key 0 alone, i.e. to the
+# first token of the prompt instead of all nine, and the cached generation would differ from the uncached one.
+# Only when $T = T_k$ (no cache) do the two alignments coincide. That is why `gpt.py` passes `is_causal` only when
+# $T = T_k$, uses no mask for a single new token (it may see every key), and otherwise builds
+# `tril(diagonal=Tk - T)`.
 
 # %% [markdown]
 # ## Summary

@@ -26,9 +26,21 @@
 # collapsing onto the mean. For $\alpha \in (0, 2)$ it is a *strictly proper* scoring rule: its expectation is
 # minimised only by the true distribution (the check tests that too). The paper uses $\alpha = 1$, $N = 8$, $M = 100$.
 #
-# Shapes: `x` `(N, P, l)`, `y` `(M, P, l)` for P positions; return `(P,)`. Note the sum over $n \ne n'$ leaves out the
-# diagonal: a distance of exactly 0 has no finite gradient for $\alpha \le 1$ if you take a square root of 0,
-# so keep it out of the graph (or clamp the squared distance at a tiny value before the power).
+# Shapes: `x` `(N, P, l)`, `y` `(M, P, l)` for P positions; return `(P,)` in `x`'s dtype. The sum over $n \ne n'$
+# leaves out the diagonal, but a distance of exactly 0 can still occur (two equal samples: the check has a case),
+# and `sqrt` has an infinite slope at 0: the gradient becomes NaN. Do what `calm_heads.py` does: **clamp the squared
+# distance at `1e-12`** before the power $\alpha/2$ (`1e-12` exactly, or smaller: the check compares values to
+# $10^{-5}$, and a clamp at `1e-6` already moves the loss by more than that).
+
+# %% [markdown]
+# <details><summary>Hint 2 (open it if you are stuck)</summary>
+#
+# `x[:, None] - y[None, :]` has shape `(N, M, P, l)`: every pair at once. Sum its squares over the last dimension
+# (`(N, M, P)` squared distances), `.clamp_min(1e-12)`, then `** (alpha / 2)`, and average over the first two
+# dimensions for the first term. The same with `x` against `x` gives `(N, N, P)`; zero its diagonal (multiply by
+# `1 - torch.eye(N, dtype=x.dtype)[:, :, None]`), sum over the first two dimensions and divide by $N(N-1)$.
+#
+# </details>
 
 # %%
 def energy_loss(x, y, alpha=1.0):
@@ -44,7 +56,7 @@ def energy_loss(x, y, alpha=1.0):
     spread = pairs.sum(dim=(0, 1)) / (N * (N - 1))                           # (P,)
     return 2 * fit - spread
     # END SOLUTION
-    # STUB raise NotImplementedError("exercise 4.1: pairwise distances with broadcasting, (A, 1, P, l) - (1, B, P, l); mean over (n, m) for the first term; for the second sum over n != n' and divide by N(N-1)")
+    # STUB raise NotImplementedError("exercise 4.1: broadcasting gives every pairwise difference at once; the second term leaves out n = n'")
 
 # %%
 checks.energy_loss(energy_loss)
@@ -63,6 +75,16 @@ checks.energy_loss(energy_loss)
 #
 # Shapes: `mu`, `log_sigma` `(..., l)`; return a scalar (the mean over every leading dimension).
 
+# %% [markdown]
+# <details><summary>Hint 2 (open it if you are stuck)</summary>
+#
+# With $\sigma^2$ = `torch.exp(2 * log_sigma)`, `kl = 0.5 * (mu ** 2 + sigma2 - 1 - 2 * log_sigma)` has shape
+# `(..., l)`. `torch.clamp(kl, min=clip)` floors each dimension; then `.sum(dim=-1)` over the latent dimensions and
+# `.mean()` over the rest. Flooring the sum instead of each dimension is a different regulariser, which the check
+# tells apart.
+#
+# </details>
+
 # %%
 def clipped_kl(mu, log_sigma, clip=0.5):
     """sum_d max(KL_d, clip), averaged over all leading dimensions: a scalar."""
@@ -70,7 +92,7 @@ def clipped_kl(mu, log_sigma, clip=0.5):
     kl = 0.5 * (mu.pow(2) + torch.exp(2 * log_sigma) - 1 - 2 * log_sigma)  # (..., l)
     return torch.clamp(kl, min=clip).sum(dim=-1).mean()
     # END SOLUTION
-    # STUB raise NotImplementedError("exercise 4.2: KL_d = 0.5 (mu^2 + sigma^2 - 1 - 2 log sigma) with sigma^2 = exp(2 log_sigma); clamp at clip (min), sum over the last dim, mean")
+    # STUB raise NotImplementedError("exercise 4.2: sigma^2 = exp(2 log_sigma); the floor applies to each dimension, before any sum")
 
 # %%
 checks.clipped_kl(clipped_kl)
@@ -88,6 +110,15 @@ checks.clipped_kl(clipped_kl)
 # your `clipped_kl`. The check builds a small autoencoder, encodes and decodes real chunks, and compares your loss
 # and every parameter's gradient with `calm.ae_loss` (in eval mode: no sampling, dropout or masking).
 
+# %% [markdown]
+# <details><summary>Hint 2 (open it if you are stuck)</summary>
+#
+# `torch.nn.functional.cross_entropy` wants logits `(rows, V)` and targets `(rows,)`: `logits.reshape(-1, V)` and
+# `chunks.reshape(-1)`. It averages over all $B \cdot C \cdot K$ tokens, so multiply by $K$ = `chunks.size(-1)` to get
+# the sum over a chunk's positions averaged over chunks. Add `kl_weight` times your `clipped_kl` with `kl_clip`.
+#
+# </details>
+
 # %%
 def autoencoder_loss(logits, chunks, mu, log_sigma, kl_weight=1e-3, kl_clip=0.5):
     """K * mean token cross-entropy + kl_weight * clipped KL: a scalar."""
@@ -96,10 +127,68 @@ def autoencoder_loss(logits, chunks, mu, log_sigma, kl_weight=1e-3, kl_clip=0.5)
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, V), chunks.reshape(-1))
     return K * ce + kl_weight * clipped_kl(mu, log_sigma, kl_clip)
     # END SOLUTION
-    # STUB raise NotImplementedError("exercise 4.3: F.cross_entropy on logits flattened to (B C K, V) and chunks to (B C K,); times K; plus kl_weight * clipped_kl(mu, log_sigma, kl_clip)")
+    # STUB raise NotImplementedError("exercise 4.3: a token-level cross-entropy over every position of every chunk; mind the factor K")
 
 # %%
 checks.autoencoder_loss(autoencoder_loss)
+
+# %% [markdown]
+# ## Questions
+#
+# Answer in a few sentences each, in the cell under the question.
+#
+# **Q1.** Why does the energy loss need at least $N = 2$ samples from the model per position? What would a head
+# trained with the first term alone learn?
+
+# %% [answer]
+# The second term estimates $\mathbb E\lVert X - X'\rVert^\alpha$ for two *independent* samples of the model, and an
+# unbiased estimate needs two distinct samples: with $N = 1$ there is no pair $n \ne n'$ ($N(N-1) = 0$). Pairing a
+# sample with itself would add zeros and bias the term toward 0, which is why the diagonal is left out and the sum
+# divided by $N(N-1)$, not $N^2$. Without the second term the loss is $2\,\mathbb E\lVert X - Y\rVert^\alpha$, minimised
+# by a point mass (at the spatial median of the targets for $\alpha = 1$, at their mean for $\alpha = 2$): the head
+# would collapse to one deterministic latent and stop being a distribution, like the repository's MSE head, whose
+# samples are all the same repeated chunk (Brier-1 -0.355). The repulsion between the model's own samples is what
+# makes the score proper. The paper uses $N = 8$ and $M = 100$.
+
+# %% [markdown]
+# **Q2.** The energy score is strictly proper for $\alpha \in (0, 2)$. What goes wrong at $\alpha = 2$? (Expand the
+# two expectations for a model $X$ with mean $\mu_X$ and target $Y$ with mean $\mu_Y$.)
+
+# %% [answer]
+# At $\alpha = 2$, $\mathbb E\lVert X - Y\rVert^2 = \lVert\mu_X - \mu_Y\rVert^2 + \operatorname{tr}\Sigma_X +
+# \operatorname{tr}\Sigma_Y$ for independent $X, Y$, and $\mathbb E\lVert X - X'\rVert^2 = 2\operatorname{tr}
+# \Sigma_X$, so the loss is $2\lVert\mu_X - \mu_Y\rVert^2 + 2\operatorname{tr}\Sigma_Y$: it depends on the model
+# only through its mean. Every distribution with the right mean scores the same, so the score is proper but not
+# strictly: it cannot tell the true distribution from a point mass at its mean. For $\alpha \in (0, 2)$ the expected
+# score minus its minimum is the energy distance between the two distributions, which is zero only when they are
+# equal.
+
+# %% [markdown]
+# **Q3.** Why does CALM floor the KL **per dimension** at 0.5 instead of using the plain VAE penalty, and why must
+# the autoencoder be robust to noise on its latent at all?
+
+# %% [answer]
+# The KL term pulls each dimension's posterior toward the prior $\mathcal N(0, 1)$. A dimension pulled all the way
+# has KL 0 and carries no information about the chunk (posterior collapse): wasted capacity, and pure noise in the
+# latent the language model must predict. Below the floor the clipped term is constant, so it gives no gradient: the
+# regulariser stops pushing a dimension once its KL is under 0.5 and leaves it its information. Robustness matters
+# because the language model's predicted latents are never exact; the decoder must turn a nearby vector into the same
+# tokens. A plain autoencoder's latent space is brittle (small errors decode to wrong tokens); the variational
+# posterior, the KL term and dropout spread each chunk's code over a region. The paper keeps about 99.9%
+# reconstruction with Gaussian noise of $\sigma \approx 0.3$; this repository measured 92.4% (regularised) against
+# 83.6% (plain) at $\sigma = 1.0$ and $K = 4$ (at $K = 2$ the plain one was as robust).
+
+# %% [markdown]
+# **Q4.** What does predicting one vector per $K$ tokens buy, and what did it cost at this repository's scale?
+
+# %% [answer]
+# $K$ times fewer autoregressive steps of the backbone: generating $T$ tokens takes $T/K$ steps, and the attention
+# context is $K$ times shorter. The repository measured a 2.0x to 3.5x generation speed-up at $K = 4$ (the head and
+# the decoder take the rest of the 4x). The paper finds that at its scale this costs little quality (CALM-M, 371M
+# parameters, BrierLM 5.72, comes close to Transformer-S's 6.05 with about 44% fewer training FLOPs). At about a million
+# parameters it costs a lot: at equal training FLOPs CALM $K = 4$ reaches about half of next-token prediction's
+# Brier-1 (0.55x on a 4 x 128 backbone, 0.47x on 6 x 192), and its Brier-3 and Brier-4 are near 0, so Brier-1 is
+# the number to compare.
 
 # %% [markdown]
 # ## Summary
