@@ -1,7 +1,5 @@
-"""BrierLM: a likelihood-free score for any language model that can sample (Shao et al. 2025, "Continuous
-Autoregressive Language Models", the evaluation section; paper note: ../shared/papers/brierlm.md).
-
-    python brierlm.py --ckpt out/ntp/ckpt.pt [--positions 512] [--seed 1337] [--exact]
+"""BrierLM: a likelihood-free score for any language model that can sample (Shao, Li, Meng, Zhou 2025,
+"Continuous Autoregressive Language Models", arXiv 2510.27688: its section on likelihood-free evaluation).
 
 Paper -> code
   Brier(P, y) = 2 P(y) - sum_x P(x)^2                      exact_brier1 (models that expose probabilities)
@@ -11,23 +9,21 @@ Paper -> code
   BrierLM = 100 * (Brier-1 Brier-2 Brier-3 Brier-4)^(1/4)    brierlm_from_briers (each factor clamped at 0)
   lower-variance variant for token models (authors' code):   variance_reduced_estimates
       2 prod_j P(y_j | y_<j) exact, collision term exact for the n-th token
-  evaluation at positions of the val split                   eval_windows, brier_eval, evaluate_objective
+  evaluation at random positions of a held-out split         eval_windows, brier_eval, summarize
 
-The model is reached only through an objective's draw(model, ctx (B, T), n_tokens, generator, args) -> (B, n):
-two independent continuations per position, never a probability. That one interface covers token models
-(ancestral sampling), MTP (its next-token head) and CALM (sampled vectors decoded into K-token chunks; contexts
-end at chunk boundaries because the context length is a multiple of args.chunk_size).
+The model is reached only through draw(ctx (B, T), n_tokens, generator) -> (B, n_tokens): two independent
+continuations per position, never a probability. That one interface covers token models (ancestral sampling),
+MTP (its next-token head) and CALM (sampled vectors decoded into K-token chunks; its contexts end at chunk
+boundaries because context_length is a multiple of K). objectives.py gives every objective its draw;
+`python score.py --ckpt PATH` scores any checkpoint.
 """
 import math
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import load_data
-from gpt import GPT, UserError
-from runtime import OneLineParser, Progress, default_draw, load_model, pick_device
+from runtime import UserError
 
 MAX_N = 4  # the paper's BrierLM uses n = 1 .. 4
 WINDOW_BYTES = 2 ** 30  # every evaluation window is built at once: N x (context + 4) int64 must fit in 1 GiB
@@ -99,13 +95,12 @@ def brierlm_stderr(per_position):
 
 # ----------------------------------------------------------------------------- where to evaluate
 
-def context_length(args):
+def context_length(block_size, chunk_size=1):
     """Largest multiple of the chunk size (1 for token models, K for CALM) that leaves room for 4 new tokens."""
-    k = int(getattr(args, "chunk_size", 1) or 1)
-    T = (args.block_size - MAX_N) // k * k
+    T = (block_size - MAX_N) // chunk_size * chunk_size
     if T < 1:
-        raise UserError(f"block_size={args.block_size} leaves no context before {MAX_N} evaluated tokens "
-                        f"(chunk size {k}): BrierLM needs block_size >= {k + MAX_N}")
+        raise UserError(f"block_size={block_size} leaves no context before {MAX_N} evaluated tokens "
+                        f"(chunk size {chunk_size}): BrierLM needs block_size >= {chunk_size + MAX_N}")
     return T
 
 
@@ -126,207 +121,46 @@ def eval_windows(data, split, n_positions, ctx_len, generator, max_n=MAX_N):
     return w[:, :ctx_len], w[:, ctx_len:]  # (N, T), (N, max_n)
 
 
-# ----------------------------------------------------------------------------- evaluation through draw()
-
-def get_draw(model, objective):
-    if objective.get("draw") is not None:
-        return objective["draw"]
-    if model is None or not hasattr(model, "generate"):
-        raise UserError("BrierLM needs a sampler: this objective has no draw() and its model no generate()")
-    return default_draw
-
-
-def model_device(model):
-    p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-    return p.device if p is not None else torch.device("cpu")
-
+# ----------------------------------------------------------------------------- evaluation from samples
 
 @torch.no_grad()
-def brier_eval(model, objective, data, args, n_positions, seed, split="val", batch_positions=None,
-               variance_reduced=False, progress=None):
-    """Per-position Brier-n estimates, (N, 4) numpy, from two draws per position; variance_reduced=True adds
-    the lower-variance estimates of a model with logits (N, 4) and the exact Brier-1 (N,) (valid when draw()
-    samples the model's own softmax at temperature 1, as the default draw does). Deterministic in seed (for a
-    given batch_positions); the global torch RNG is saved and restored, so training's random stream is untouched.
-    progress(positions done), if given, is called after every batch."""
-    draw = get_draw(model, objective)
-    device = model_device(model)
-    ctx_len = context_length(args)
-    if batch_positions is None:  # keep the (2B, T, V) logits of one draw() under ~64 MB of float32
-        batch_positions = max(4, min(64, 2 ** 23 // (ctx_len * data.vocab_size)))
-    was_training = model.training if isinstance(model, torch.nn.Module) else None
-    if was_training:
-        model.eval()
+def brier_eval(draw, data, n_positions, context_len, seed, split="val", batch_positions=64, device="cpu",
+               logits_fn=None, progress=None):
+    """Per-position Brier-n estimates at n_positions random positions of a split, (N, 4) numpy, from two samples
+    per position: draw(ctx (B, T), n_tokens, generator) -> (B, n_tokens) sampled continuations, the only access to
+    the model. logits_fn(idx (B, T)) -> (B, T, V), for models that have probabilities, adds the variance-reduced
+    estimates 'reduced' (N, 4) and the exact Brier-1 'exact1' (N,) (valid when draw samples that softmax at
+    temperature 1). Deterministic in seed; the global torch RNG is saved and restored (training's stream is
+    untouched). progress(positions done), if given, is called after every batch."""
+    device = torch.device(device)
     out = {"sampled": []}
-    if variance_reduced:
+    if logits_fn is not None:
         out.update(reduced=[], exact1=[])
-    fork = [device.index or 0] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=fork):
-            torch.manual_seed(seed)  # a draw() that uses the global RNG is deterministic too
-            ctx_all, ref_all = eval_windows(data, split, n_positions, ctx_len, torch.Generator().manual_seed(seed))
-            gen = torch.Generator(device=device).manual_seed(seed)
-            for lo in range(0, n_positions, batch_positions):
-                ctx, ref = ctx_all[lo:lo + batch_positions].to(device), ref_all[lo:lo + batch_positions]
-                B = ctx.size(0)
-                xs = draw(model, torch.cat([ctx, ctx]), MAX_N, gen, args)  # (2B, 4): two independent samples
-                if not torch.is_tensor(xs) or xs.shape != (2 * B, MAX_N):
-                    raise UserError(f"draw() must return ({2 * B}, {MAX_N}) tokens, got "
-                                    f"{tuple(xs.shape) if torch.is_tensor(xs) else type(xs).__name__}")
-                x1, x2 = xs[:B], xs[B:]
-                out["sampled"].append(two_sample_estimates(x1, x2, ref).cpu())
-                if variance_reduced:
-                    logits_fn = lambda idx: model(idx)[0]  # noqa: E731 (models that expose logits)
-                    reduced = variance_reduced_estimates(logits_fn, ctx, ref, x1, x2).cpu()
-                    out["reduced"].append(reduced)
-                    out["exact1"].append(reduced[:, 0])  # n = 1 has no sampled part left: the exact Brier-1
-                if progress is not None:
-                    progress(lo + B)
-    finally:
-        if was_training:
-            model.train()
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # a draw() that uses the global RNG is deterministic too
+        ctx_all, ref_all = eval_windows(data, split, n_positions, context_len, torch.Generator().manual_seed(seed))
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for lo in range(0, n_positions, batch_positions):
+            ctx, ref = ctx_all[lo:lo + batch_positions].to(device), ref_all[lo:lo + batch_positions]
+            B = ctx.size(0)
+            xs = draw(torch.cat([ctx, ctx]), MAX_N, gen)                 # (2B, 4): two independent samples
+            if not torch.is_tensor(xs) or xs.shape != (2 * B, MAX_N):
+                raise UserError(f"draw() must return ({2 * B}, {MAX_N}) tokens, got "
+                                f"{tuple(xs.shape) if torch.is_tensor(xs) else type(xs).__name__}")
+            x1, x2 = xs[:B], xs[B:]
+            out["sampled"].append(two_sample_estimates(x1, x2, ref).cpu())
+            if logits_fn is not None:
+                reduced = variance_reduced_estimates(logits_fn, ctx, ref, x1, x2).cpu()
+                out["reduced"].append(reduced)
+                out["exact1"].append(reduced[:, 0])  # n = 1 has no sampled part left: the exact Brier-1
+            if progress is not None:
+                progress(lo + B)
     return {k: torch.cat(v).double().numpy() for k, v in out.items()}
 
 
 def summarize(per_position):
+    """{'brier1'..'brier4', 'brierlm'} from per-position estimates (N, 4)."""
     b = per_position.mean(0)
     res = {f"brier{n + 1}": float(b[n]) for n in range(len(b))}
     res["brierlm"] = brierlm_from_briers(b)
     return res
-
-
-def evaluate_objective(model, objective, data, args):
-    """What train.py calls at each eval: Brier-1..4 and BrierLM (0..100) at args.brier_positions val positions,
-    from samples only. Deterministic given args.seed; leaves the global RNG as it found it."""
-    est = brier_eval(model, objective, data, args, args.brier_positions, args.seed)["sampled"]
-    return summarize(est)
-
-
-# ----------------------------------------------------------------------------- checkpoints and correlations
-
-@torch.no_grad()
-def val_cross_entropy(model, objective, data, args, n_batches=20, batch_size=16, seed=0, split="val"):
-    """Mean next-token loss over n_batches fixed random windows (its own generator)."""
-    gen = torch.Generator().manual_seed(seed)
-    losses = [objective["loss"](model, *data.get_batch(split, batch_size, args.block_size, gen,
-                                                       model_device(model)), args)[0].item()
-              for _ in range(n_batches)]
-    return float(np.mean(losses))
-
-
-def score_checkpoint(path, n_positions=512, seed=0, ce_batches=20, variance_reduced=True, device="cpu"):
-    """Val cross-entropy and BrierLM (two-sample, and variance-reduced for token models) of one checkpoint,
-    with standard errors and the per-position estimates ('sampled', 'reduced', 'exact1')."""
-    model, objective, saved, _ = load_model(path, device)
-    saved.device = device
-    data = load_data(saved.dataset, saved.tokenizer)
-    variance_reduced = variance_reduced and isinstance(model, GPT)  # needs next-token probabilities
-    per = brier_eval(model, objective, data, saved, n_positions, seed, variance_reduced=variance_reduced)
-    out = dict(val_loss=val_cross_entropy(model, objective, data, saved, ce_batches, seed=seed), **summarize(
-        per["sampled"]), brierlm_se=brierlm_stderr(per["sampled"]), per_position=per)
-    if variance_reduced:
-        out.update(brierlm_vr=summarize(per["reduced"])["brierlm"], brierlm_vr_se=brierlm_stderr(per["reduced"]),
-                   exact_brier1=float(per["exact1"].mean()))
-    return out
-
-
-@torch.no_grad()
-def temperature_sweep(model, data, args, temperatures, n_batches=10, batch_size=16, seed=0, split="val"):
-    """Why accuracy is not a proper score: scale a token model's logits by 1/T and measure, exactly from its
-    probabilities, the accuracy of a sample (E 1{x=y} = P_T(y)), the Brier-1 score 2 P_T(y) - sum P_T^2 and the
-    cross-entropy. Sharpening (T < 1) raises sample accuracy; the proper scores are best near the model's own
-    (T = 1) distribution. Returns {T: {'sample_acc', 'brier1', 'cross_entropy'}}."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = [data.get_batch(split, batch_size, args.block_size, gen, model_device(model)) for _ in range(n_batches)]
-    logits = [model(x)[0].flatten(0, 1).float() for x, _ in batches]  # (B*T, V) each
-    ys = [y.flatten() for _, y in batches]
-    out = {}
-    for T in temperatures:
-        acc, b1, ce = [], [], []
-        for lg, y in zip(logits, ys):
-            p = F.softmax(lg / T, -1)
-            acc.append(p.gather(1, y.view(-1, 1)).mean().item())
-            b1.append(exact_brier1(lg / T, y).mean().item())
-            ce.append(F.cross_entropy(lg / T, y).item())
-        out[T] = dict(sample_acc=float(np.mean(acc)), brier1=float(np.mean(b1)), cross_entropy=float(np.mean(ce)))
-    return out
-
-
-def pearson(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    a, b = a - a.mean(), b - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")  # undefined for a constant series
-
-
-def ranks(a):
-    """Ranks 1..n, ties sharing their average rank (what Spearman's coefficient needs)."""
-    a = np.asarray(a, dtype=np.float64)
-    order = np.argsort(a, kind="stable")
-    r = np.empty(len(a))
-    r[order] = np.arange(1, len(a) + 1)
-    for v in np.unique(a):
-        r[a == v] = r[a == v].mean()
-    return r
-
-
-def spearman(a, b):
-    return pearson(ranks(a), ranks(b))
-
-
-# ----------------------------------------------------------------------------- command line
-
-def uncertainty(e):
-    """'±se' of BrierLM from per-position estimates e (N, 4), or why there is none."""
-    se = brierlm_stderr(e)
-    if math.isfinite(se):
-        return f"±{se:.3f}"
-    low = [f"Brier-{n + 1}" for n, b in enumerate(e.mean(0)) if b <= 0]
-    return (f" (no ±: {', '.join(low)} <= 0 clamps the score to 0, where it has no standard error; "
-            f"read the Brier-n above, or use more positions)")
-
-
-def make_parser():
-    parser = OneLineParser(description="BrierLM (Brier-1..4) of any checkpoint, from samples only")
-    parser.add_argument("--ckpt", default="out/ntp/ckpt.pt")
-    parser.add_argument("--positions", type=int, default=None, help="val positions (default: the checkpoint's "
-                                                                        "brier_positions, at least 256)")
-    parser.add_argument("--seed", type=int, default=None, help="default: the checkpoint's seed (what train.py used)")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--exact", action="store_true", help="token models: also the exact Brier-1 and the "
-                                                              "variance-reduced Brier-n")
-    return parser
-
-
-def main(argv=None):
-    parser = make_parser()
-    try:
-        a = parser.parse_args(argv)  # every number checked (runtime.NUMBER_RULES): positions >= 2, seed
-        device = pick_device(a.device)
-        model, objective, saved, _ = load_model(a.ckpt, device)
-        saved.device = device
-        n = a.positions if a.positions is not None else max(256, getattr(saved, "brier_positions", 0))
-        a.seed = saved.seed if a.seed is None else a.seed
-        if a.exact and not isinstance(model, GPT):
-            raise UserError("--exact needs a model with next-token probabilities (a plain GPT, e.g. ntp)")
-        ctx_len = context_length(saved)
-        data = load_data(saved.dataset, saved.tokenizer)
-        r = brier_eval(model, objective, data, saved, n, a.seed, a.split, variance_reduced=a.exact,
-                       progress=Progress("BrierLM", n, "positions"))
-        print(f"{a.ckpt}: {n} positions of {data.name}/{a.split}, seed {a.seed}, context {ctx_len}")
-        rows = [("sampled (two-sample)", r["sampled"])] + ([("variance-reduced", r["reduced"])] if a.exact else [])
-        for name, e in rows:
-            se = e.std(0, ddof=1) / math.sqrt(len(e))
-            s = summarize(e)
-            print(f"  {name:21s}" + "".join(f" Brier-{i + 1} {s[f'brier{i + 1}']:.4f}±{se[i]:.4f} |"
-                                             for i in range(MAX_N)) + f" BrierLM {s['brierlm']:.3f}{uncertainty(e)}")
-        if a.exact:
-            print(f"  exact Brier-1 {r['exact1'].mean():.4f}±{r['exact1'].std(ddof=1) / math.sqrt(n):.4f}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

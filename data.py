@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt import UserError
+from runtime import UserError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DEFAULT_DATASET, DEFAULT_TOKENIZER = "shakespeare", "gpt2"

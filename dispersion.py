@@ -1,40 +1,39 @@
 """Representation dispersion: Li, Li, Livescu & Zhou, "On the Predictive Power of Representation Dispersion in
 Language Models" (arXiv 2506.24106, 2025), as a metric, a training objective, a model and a layer selector.
 
-Paper (as numbered in the paper note) -> code; the equation tags are the ones the comments below cite
+Paper -> code ('Find.': the paper's findings, 'App.': its applications; the tags (D), (X), (L), (XD) name the
+equations here and in the comments below)
   (D)     dispersion D = 1/(N(N-1)) sum_{i!=j} (1 - cos(h_i, h_j))       dispersion(h): O(N*d) through the sum of
           = 1 - (|S|^2 - N) / (N(N-1)),  S = sum_i h_i/|h_i|              unit vectors, not the O(N^2) matrix
   (X)     between-set version 1/(N M) sum_{i,j} (1 - cos(a_i, b_j))      cross_dispersion(a, b)
-  Find.   dispersion vs perplexity: per segment, across checkpoints       scored_segments, perplexity_and_dispersion,
-                                                                          correlation
+  Find.   dispersion vs perplexity: per segment, across checkpoints       scored_segments, perplexity_and_dispersion
+                                                                          (correlations: runtime.spearman)
   Find.   per layer and sub-layer, Spearman(dispersion, perplexity)       perplexity_groups (the authors' sort, group
           across perplexity-sampled segment groups                        and uniform sampling), layer_correlations
   App. 2  dispersion gap G = within(T) + between(T, T') over the rows    dispersion_gap (no text, no forward pass)
           of the output matrix: task tokens T, everyday tokens T'
   App. 3  kNN-LM (Khandelwal et al. 2020) keys from any layer or          build_datastore, knn_lm_perplexity,
           sub-layer ('ffn_in.L-1' = the usual key), choice by dispersion  choose_layer
-  (L)     push-away training L = L_CE + lambda * L_aux, L_aux = -D        OBJECTIVES['dispersion'] (train.py)
+  (L)     push-away training L = L_CE + lambda * L_aux, L_aux = -D        dispersion_loss, aux_loss
   (XD)    cross-domain L_aux = -(mean cosine distance over pairs of       between_domain_dispersion,
-          token states from different domains only)                       --dispersion_scope cross_domain
+          token states from different domains only)                       aux_loss(scope='cross_domain')
 
 What is embedded (as in the authors' analysis code, yanhong-lbh/rep_dispersion, analysis/): a segment's set is the
 hidden state of EVERY token of a fixed-length chunk at one layer (default the last, after the final norm: 'final'),
 no pooling; D is taken within each segment and averaged. The authors publish no training code: the auxiliary loss
-follows the note, all B*T final states of the batch as ONE set (--dispersion_scope batch; 'sequence': one set per
-window; 'cross_domain': only pairs from different domains, read from the batch's x.domains, see data.py).
-A zero vector has no direction: every function here raises UserError on one. Experiment drivers for the tutorial
-live in bench/dispersion_experiments.py.
+follows the paper's description, all B*T final states of the batch as ONE set (scope 'batch'; 'sequence': one
+set per window; 'cross_domain': only pairs from different domains, read from the batch's x.domains, see data.py).
+A zero vector has no direction: every function here raises UserError on one. The training objective's flags
+(--dispersion_weight, --dispersion_scope) are wired in objectives.py; the tutorial's experiments live in
+bench/dispersion_experiments.py.
 """
 import contextlib
 import math
-import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from gpt import GPT, UserError
-from runtime import ntp_generate
+from runtime import UserError, spearman
 
 
 # ----------------------------------------------------------------------------- the metric
@@ -201,7 +200,7 @@ def layer_correlations(model, batches, group_size, n_groups=None, layers=None):
     nll, disps, _ = scored_segments(model, batches, layers)
     groups = perplexity_groups(nll.exp(), group_size, n_groups)
     g_ppl = nll.exp()[groups].mean(1)
-    return {name: correlation(d[groups].mean(1), g_ppl)["spearman"] for name, d in disps.items()}, g_ppl
+    return {name: spearman(d[groups].mean(1), g_ppl) for name, d in disps.items()}, g_ppl
 
 
 def perplexity_and_dispersion(model, batches, layer="final"):
@@ -212,19 +211,6 @@ def perplexity_and_dispersion(model, batches, layer="final"):
     keep = n > 0
     mean_nll = (nll[keep] * n[keep]).sum() / n.sum()                                    # mean over all tokens
     return {"ppl": mean_nll.exp().item(), "disp": disp[layer].mean().item()}
-
-
-def correlation(xs, ys):
-    """Pearson and Spearman (Pearson of the ranks, no tie correction) correlation of two sequences."""
-    x, y = torch.as_tensor(xs, dtype=torch.float64), torch.as_tensor(ys, dtype=torch.float64)
-    if x.shape != y.shape or x.dim() != 1 or len(x) < 3:
-        raise UserError("correlation needs two equally long sequences of at least 3 numbers")
-
-    def pearson(a, b):
-        a, b = a - a.mean(), b - b.mean()
-        return (a @ b / (a.norm() * b.norm())).item()
-    ranks = lambda v: v.argsort().argsort().double()  # noqa: E731
-    return {"pearson": pearson(x, y), "spearman": pearson(ranks(x), ranks(y))}
 
 
 # ----------------------------------------------------------------------------- application 2: dispersion gap
@@ -351,36 +337,11 @@ def choose_layer(profile, candidates=None):
 SCOPES = ("batch", "sequence", "cross_domain")
 
 
-@dataclass
-class DispersionConfig:
-    dispersion_weight: float = 0.1     # lambda in L = L_CE + lambda * L_aux; 0 is exactly next-token prediction
-    dispersion_scope: str = "batch"    # 'batch': all B*T final states form one set (the note); 'sequence': one set
-    #                                    per window; 'cross_domain': only pairs from different domains (A+B data)
-
-
-def check_config(args):
-    lam = args.dispersion_weight
-    if not math.isfinite(lam) or lam < 0:
-        raise UserError(f"--dispersion_weight must be a finite number >= 0, got {lam}")
-    if args.dispersion_scope not in SCOPES:
-        raise UserError(f"--dispersion_scope must be one of {', '.join(SCOPES)}, got {args.dispersion_scope!r}")
-
-
-def build(gcfg, args, data):
-    check_config(args)
-    if data is not None and args.dispersion_scope == "cross_domain":  # data is None when sample.py loads a model
-        if len(data.domains) < 2:
-            raise UserError(f"--dispersion_scope cross_domain needs a mixed dataset (--dataset A+B), "
-                            f"got the single domain {data.name!r}")
-        if args.batch_size < len(data.domains):
-            raise UserError(f"--dispersion_scope cross_domain needs every batch to hold all {len(data.domains)} "
-                            f"domains: --batch_size must be at least {len(data.domains)}, got {args.batch_size}")
-    return GPT(gcfg)  # a plain GPT: the objective changes the loss only
-
-
 def aux_loss(h, scope="batch", domains=None):
     """eq. (L): L_aux = -D of the final hidden states h (B, T, d): one set of B*T vectors ('batch'), one per row
     ('sequence'), or eq. (XD) the pairs of rows from different domains only ('cross_domain', domains (B,))."""
+    if scope not in SCOPES:
+        raise UserError(f"the dispersion scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     if scope == "cross_domain":
         if domains is None:
             raise UserError("--dispersion_scope cross_domain needs batches with domain labels (a mixed dataset A+B)")
@@ -389,36 +350,13 @@ def aux_loss(h, scope="batch", domains=None):
     return -dispersion(sets).mean()
 
 
-def dispersion_loss(model, x, y, args):
+def dispersion_loss(model, x, y, weight, scope="batch"):
+    """eq. (L): L = L_CE + weight * L_aux on a GPT. weight = 0 is exactly next-token prediction (L_aux is then
+    only measured, with no gradient). Returns (L, L_CE, L_aux), the last two detached."""
     h = model.body(model.embed(x))                                                     # (B, T, d) = ln_f(last)
     logits = model.lm_head(h)                                                          # (B, T, V)
     ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)  # GPT.forward's loss
-    lam = args.dispersion_weight
-    with torch.set_grad_enabled(lam > 0 and torch.is_grad_enabled()):  # lam = 0: exactly NTP, L_aux only measured
-        aux = aux_loss(h, args.dispersion_scope, getattr(x, "domains", None))          # labels: data.py, A+B data
-    loss = ce + lam * aux if lam > 0 else ce                                           # eq. (L)
-    disp = -aux.item()
-    if model.training:  # running (exponential moving) average of the training batches' dispersion
-        prev = getattr(model, "running_dispersion", None)
-        model.running_dispersion = disp if prev is None else 0.9 * prev + 0.1 * disp
-    return loss, {"ce": ce.item(), "aux": aux.item(), "disp_run": getattr(model, "running_dispersion", disp)}
-
-
-def evaluate(model, data, args):
-    """Perplexity (cross-entropy only) and last-layer dispersion on val (val_ppl, val_disp), and on every per-domain
-    'val:<domain>' split of a cross-domain dataset (val_ppl_<domain>, e.g. --dataset shakespeare+pystdlib;
-    a file:PATH domain is named by the file's stem)."""
-    out = {}
-    for split in ["val"] + sorted(s for s in data.splits if s.startswith("val:")):
-        batches = fixed_batches(data, split, args.eval_iters, args.batch_size, args.block_size, args.seed + 1,
-                                args.device)
-        stats = perplexity_and_dispersion(model, batches)
-        domain = split[len("val:"):]
-        suffix = "_" + (os.path.splitext(os.path.basename(domain))[0] if domain.startswith("file:") else domain) \
-            if domain else ""
-        out[f"val_ppl{suffix}"], out[f"val_disp{suffix}"] = stats["ppl"], stats["disp"]
-    return out
-
-
-OBJECTIVES = {"dispersion": dict(config=DispersionConfig, build=build, loss=dispersion_loss, evaluate=evaluate,
-                                 generate=ntp_generate)}  # a plain GPT samples like NTP
+    with torch.set_grad_enabled(weight > 0 and torch.is_grad_enabled()):
+        aux = aux_loss(h, scope, getattr(x, "domains", None))                          # labels: data.py, A+B data
+    loss = ce + weight * aux if weight > 0 else ce
+    return loss, ce.detach(), aux.detach()

@@ -12,6 +12,10 @@ What the paper files use:
   GPT.hidden_states(idx)      every layer's residual stream and the attention / MLP sub-layer outputs, one pass
   GPT.generate(...)           ancestral / greedy sampling with a KV cache (the fair baseline for speed comparisons)
   KVCache                     per-layer keys and values; crop(n) rolls back (speculative decoding needs it)
+  probabilities, sample_logits  softmax(logits / T) within the top-k, and one token drawn from it
+
+Read top to bottom: RoPE by its definition (rope_tables, apply_rope), the attention, MLP, block and GPT; the last
+section is a faster way to compute apply_rope inside the attention (RotatePairs), equal to it and tested so.
 """
 import math
 from dataclasses import dataclass
@@ -20,9 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class UserError(Exception):
-    """Bad input from the user: scripts print the message as one line and exit non-zero, with no traceback."""
+from runtime import UserError
 
 
 @dataclass
@@ -46,37 +48,10 @@ def rope_tables(head_dim, max_len, base=10000.0):
 
 def apply_rope(x, cos, sin):
     """RoPE, the definition: rotate each pair (x1_i, x2_i) = (x_i, x_{i+hs/2}) by the angle t * theta_i of its
-    position t and frequency i. x (B, nh, T, hs), cos/sin (T, hs/2). The model computes it with RotatePairs."""
+    position t and frequency i. x (B, nh, T, hs), cos/sin (T, hs/2). The attention computes the same numbers in
+    place (CausalSelfAttention.queries_keys_values)."""
     (x1, x2), cos, sin = x.chunk(2, dim=-1), cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-class RotatePairs(torch.autograd.Function):
-    """apply_rope on q and k in one in-place pass. qkv (B, T, 3C) holds each pair side by side (x1_0, x2_0, x1_1, ..:
-    c_attn's rows are read in that order; q.k is the same sum in any order), so a pair is a complex number x1 + i x2,
-    turned by e^(i t theta_i) = cos + i sin, rot (T, C, 2); the gradient turns back, in place on split's fresh one."""
-
-    @staticmethod
-    def forward(ctx, qkv, rot):
-        ctx.mark_dirty(qkv)
-        ctx.save_for_backward(rot)
-        return RotatePairs.turn_(qkv, rot, 1)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # in place: no second derivative through it
-    def backward(ctx, grad):
-        return RotatePairs.turn_(grad, ctx.saved_tensors[0], -1), None
-
-    @staticmethod
-    def turn_(qkv, rot, sign):  # rotate by sign * angle
-        qk = qkv[:, :, :2 * rot.size(1)].unflatten(-1, (-1, 2))  # q and k as pairs (B, T, C, 2)
-        if qk.element_size() >= 4 and qk.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
-            turn = torch.view_as_complex(rot)
-            torch.view_as_complex(qk).mul_(turn if sign > 0 else turn.conj())
-        else:  # bf16 / fp16 have no complex type, inductor compiles none, MPS lacks some: the same in real arithmetic
-            x1, x2, cos, sin = qk[..., 0].float(), qk[..., 1].float(), rot[..., 0], sign * rot[..., 1]
-            qk.copy_(torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1))
-        return qkv
 
 
 class KVCache:
@@ -109,16 +84,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, kv=None):
         B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
-        rows, dims = (self.rows, self.rows[:hs]) if rope is not None else (slice(None), slice(None))
-        qkv = F.linear(x, self.c_attn.weight[rows], None if self.c_attn.bias is None else self.c_attn.bias[rows])
-        if self.q_norm is not None:  # RMS-normalise each query and key head (weights in the same order as q, k)
-            q, k, v = (t.unflatten(2, (nh, hs)) for t in qkv.split(C, dim=2))
-            q, k = (F.rms_norm(t, (hs,), n.weight[dims], n.eps) for t, n in ((q, self.q_norm), (k, self.k_norm)))
-            qkv = torch.cat([q, k, v], dim=2).flatten(2)
-        if rope is not None:
-            qkv = RotatePairs.apply(qkv, rope)
-        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in qkv.split(C, dim=2))  # (B, nh, T, hs)
+        q, k, v = self.queries_keys_values(x, rope)                     # (B, nh, T, hs) each; q, k rotated
         if kv is not None:  # append to the cache; attend over everything seen so far
             if kv[0] is not None:
                 k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
@@ -128,6 +94,28 @@ class CausalSelfAttention(nn.Module):
         mask = None if T in (1, Tk) else torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=T == Tk)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
+
+    def queries_keys_values(self, x, rope=None):
+        """q, k, v (B, nh, T, hs) of x (B, T, C). The textbook computation is
+
+            q, k, v = c_attn(x).split(C), each cut into nh heads of hs
+            q, k = q_norm(q), k_norm(k)                              (only with qk_norm)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  (rope = the tables at these positions)
+
+        and this computes the same numbers, forward and backward (tests/test_gpt.py), in fewer passes over memory:
+        c_attn's rows are read in an order that puts each rotary pair side by side (q.k is the same sum in any
+        order of coordinates), and RotatePairs turns every pair of q and k in place as one complex multiply."""
+        B, T, C = x.shape
+        nh, hs = self.n_head, C // self.n_head
+        rows, dims = (self.rows, self.rows[:hs]) if rope is not None else (slice(None), slice(None))
+        qkv = F.linear(x, self.c_attn.weight[rows], None if self.c_attn.bias is None else self.c_attn.bias[rows])
+        if self.q_norm is not None:  # RMS-normalise each query and key head (weights in the same order as q, k)
+            q, k, v = (t.unflatten(2, (nh, hs)) for t in qkv.split(C, dim=2))
+            q, k = (F.rms_norm(t, (hs,), n.weight[dims], n.eps) for t, n in ((q, self.q_norm), (k, self.k_norm)))
+            qkv = torch.cat([q, k, v], dim=2).flatten(2)
+        if rope is not None:
+            qkv = RotatePairs.apply(qkv, rope)
+        return [t.view(B, T, nh, hs).transpose(1, 2) for t in qkv.split(C, dim=2)]
 
 
 class MLP(nn.Module):
@@ -233,15 +221,20 @@ class GPT(nn.Module):
         return idx
 
 
-def sample_logits(logits, temperature=1.0, top_k=None, generator=None):
-    """One token per row of logits (B, V): argmax when temperature == 0, else softmax(logits / T) within top-k."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+def probabilities(logits, temperature=1.0, top_k=None):
+    """softmax(logits / temperature) over the top_k largest logits of each row (..., V); the rest get 0."""
     logits = logits.float() / temperature
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
+    return F.softmax(logits, dim=-1)
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, generator=None):
+    """One token per row of logits (B, V): argmax when temperature == 0, else a draw from probabilities()."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(probabilities(logits, temperature, top_k), 1, generator=generator)  # (B, 1)
 
 
 def init_gpt2_weights(module):
@@ -249,3 +242,33 @@ def init_gpt2_weights(module):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
+
+
+# ----------------------------------------------------------------------------- speed: RoPE in one in-place pass
+
+class RotatePairs(torch.autograd.Function):
+    """apply_rope on q and k in one in-place pass. qkv (B, T, 3C) holds each pair side by side (x1_0, x2_0, x1_1, ..:
+    c_attn's rows are read in that order; q.k is the same sum in any order), so a pair is a complex number x1 + i x2,
+    turned by e^(i t theta_i) = cos + i sin, rot (T, C, 2); the gradient turns back, in place on split's fresh one."""
+
+    @staticmethod
+    def forward(ctx, qkv, rot):
+        ctx.mark_dirty(qkv)
+        ctx.save_for_backward(rot)
+        return RotatePairs.turn_(qkv, rot, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # in place: no second derivative through it
+    def backward(ctx, grad):
+        return RotatePairs.turn_(grad, ctx.saved_tensors[0], -1), None
+
+    @staticmethod
+    def turn_(qkv, rot, sign):  # rotate by sign * angle
+        qk = qkv[:, :, :2 * rot.size(1)].unflatten(-1, (-1, 2))  # q and k as pairs (B, T, C, 2)
+        if qk.element_size() >= 4 and qk.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
+            turn = torch.view_as_complex(rot)
+            torch.view_as_complex(qk).mul_(turn if sign > 0 else turn.conj())
+        else:  # bf16 / fp16 have no complex type, inductor compiles none, MPS lacks some: the same in real arithmetic
+            x1, x2, cos, sin = qk[..., 0].float(), qk[..., 1].float(), rot[..., 0], sign * rot[..., 1]
+            qk.copy_(torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1))
+        return qkv

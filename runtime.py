@@ -1,34 +1,25 @@
-"""What train.py, sample.py and brierlm.py share, one layer below the paper files (imports: gpt.py and data.py only).
+"""Helpers below everything else (imports: torch and numpy only). Nothing here knows a paper or a model.
 
-  objectives by name    get_objective('mtp') imports mtp.py only when asked (no static import of a paper file);
-                        the plain next-token objective NTP lives here, every other one next to its paper
-  checkpoints           save_checkpoint: atomic, and never with a NaN or infinite number inside;
-                        load_checkpoint: torch.load(weights_only=True), so a checkpoint cannot run code;
-                        load_model: (model, objective, saved args, tokenizer) from a checkpoint
-  command line          OneLineParser: every error is one line; every int/float flag is checked against
-                        NUMBER_RULES (a new flag is covered without writing anything); args.typed = the flags
-                        the user typed; to_argv: a dict of flags back into a command line; pick_device:
-                        'auto', or a device that really exists
-  out_dir lock          OutDirLock: an OS lock (flock) on <out_dir>/.lock, released by the OS when the holder
-                        dies, so a killed run never leaves a stuck lock
-  progress              Progress: 'what: done/total | rate | ETA' on stderr for long loops
+  errors          UserError: bad input from the user; the command-line tools print it as one line and exit 2
+  command line    OneLineParser: every error is one line; every int/float flag is checked against NUMBER_RULES
+                  (a new flag is covered without writing anything); args.typed = the flags the user typed;
+                  to_argv: a dict of flags back into a command line; pick_device: 'auto', or a device that exists
+  checkpoints     save_checkpoint: atomic, and never with a NaN or infinite number inside;
+                  load_checkpoint: torch.load(weights_only=True), so a checkpoint cannot run code
+  out_dir lock    OutDirLock: an OS lock (flock) on <out_dir>/.lock, released by the OS when the holder dies
+  progress        Progress: 'what: done/total | rate | ETA' on stderr for long loops
+  statistics      mean_se, pearson, spearman (the one implementation every experiment and figure uses)
 """
 import argparse
-import dataclasses
-import importlib
 import math
 import os
 import pickle
 import re
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
-
-from data import get_tokenizer
-from gpt import GPT, GPTConfig, UserError
 
 try:
     import fcntl  # POSIX; on Windows there is no out_dir lock
@@ -36,39 +27,8 @@ except ImportError:
     fcntl = None
 
 
-# ----------------------------------------------------------------------------- objectives
-
-def ntp_loss(model, x, y, args):
-    _, loss = model(x, y)
-    return loss, {}
-
-
-def ntp_generate(model, idx, args, generator=None):
-    if getattr(args, "speculative", False):
-        raise UserError("--speculative needs a multi-token (mtp) checkpoint with extra heads")
-    return model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator=generator)
-
-
-def default_draw(model, ctx, n_tokens, generator, args):
-    """BrierLM's sampler for a model with generate(): (B, n_tokens) continuations of ctx at temperature 1."""
-    return model.generate(ctx, n_tokens, temperature=1.0, generator=generator)[:, -n_tokens:]
-
-
-NTP = dict(config=None, build=lambda gcfg, args, data: GPT(gcfg), loss=ntp_loss, generate=ntp_generate)
-OBJECTIVES = {"ntp": NTP}
-
-# objective name -> module that defines OBJECTIVES[name] (imported only when asked for)
-REGISTRY = {"ntp": "runtime", "mtp": "mtp", "autoencoder": "calm", "calm": "calm", "dispersion": "dispersion"}
-
-
-def get_objective(name):
-    if name not in REGISTRY:
-        raise UserError(f"unknown objective {name!r}: choose from {', '.join(REGISTRY)}")
-    try:
-        module = importlib.import_module(REGISTRY[name])
-    except ModuleNotFoundError:
-        raise UserError(f"objective {name!r} is not implemented yet ({REGISTRY[name]}.py is missing)") from None
-    return module.OBJECTIVES[name]
+class UserError(Exception):
+    """Bad input from the user: scripts print the message as one line and exit non-zero, with no traceback."""
 
 
 # ----------------------------------------------------------------------------- numbers on the command line
@@ -224,58 +184,6 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig)] + ["objective", "dataset", "tokenizer"]
-
-
-def model_keys(objective):
-    """Settings that shape the model (and what it was trained on): a resumed run takes them from the checkpoint."""
-    return MODEL_KEYS + ([f.name for f in dataclasses.fields(objective["config"])] if objective["config"] else [])
-
-
-def gpt_config(args, vocab_size):
-    return GPTConfig(vocab_size=vocab_size, **{f.name: getattr(args, f.name) for f in dataclasses.fields(GPTConfig)
-                                               if f.name != "vocab_size"})
-
-
-def check_saved_args(path, saved, objective):
-    """A checkpoint's args describe a model we can build: every GPT field present, of its type and in range;
-    an objective field that an older checkpoint lacks gets its default."""
-    for f in dataclasses.fields(GPTConfig):
-        if f.name == "vocab_size":
-            continue
-        if f.name not in saved:
-            raise UserError(f"{path}: its args lack {f.name!r}")
-        value, kind = saved[f.name], (int, float) if f.type is float else f.type
-        if not isinstance(value, kind) or (isinstance(value, bool) and f.type is not bool):
-            raise UserError(f"{path}: its args have {f.name}={value!r}, which is not of type {f.type.__name__}")
-        if f.type in (int, float):
-            try:
-                check_number(f.name, value)
-            except UserError as e:
-                raise UserError(f"{path}: its args are invalid: {e}") from None
-    if not isinstance(saved.get("tokenizer"), str):
-        raise UserError(f"{path}: its args lack the tokenizer")
-    for f in dataclasses.fields(objective["config"]) if objective["config"] else []:
-        saved.setdefault(f.name, f.default)
-
-
-def load_model(ckpt_path, device="cpu"):
-    """(model in eval mode, objective, saved args, tokenizer) from a checkpoint written by train.py."""
-    ckpt = load_checkpoint(ckpt_path, map_location=device)
-    if not isinstance(ckpt["objective"], str):
-        raise UserError(f"{ckpt_path}: its objective is {ckpt['objective']!r}, not a name")
-    objective = get_objective(ckpt["objective"])
-    check_saved_args(ckpt_path, ckpt["args"], objective)
-    saved = SimpleNamespace(**ckpt["args"])
-    tokenizer = get_tokenizer(saved.tokenizer)
-    model = objective["build"](gpt_config(saved, tokenizer.vocab_size), saved, None)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, TypeError, AttributeError):
-        raise UserError(f"{ckpt_path}: weights do not match the model its own config describes") from None
-    return model.to(device).eval(), objective, saved, tokenizer
-
-
 # ----------------------------------------------------------------------------- one training per out_dir
 
 class OutDirLock:
@@ -336,3 +244,43 @@ class Progress:
         rate = done / max(now - self.t0, 1e-9)
         print(f"{self.what}: {done:,}/{self.total:,} {self.unit} | {rate:,.1f} {self.unit}/s | "
               f"ETA {duration((self.total - done) / rate)}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def mean_se(values):
+    """(mean, standard error of the mean); the standard error is nan for a single value."""
+    x = np.asarray(values, dtype=np.float64)
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+
+def pearson(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise UserError(f"a correlation needs two equally long sequences of at least 2 numbers, got {a.shape}, "
+                        f"{b.shape}")
+    a, b = a - a.mean(), b - b.mean()
+    denom = math.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else float("nan")  # undefined for a constant series
+
+
+def ranks(a):
+    """Ranks 1..n, ties sharing their average rank (what Spearman's coefficient needs)."""
+    a = np.asarray(a, dtype=np.float64)
+    r = np.empty(len(a))
+    r[np.argsort(a, kind="stable")] = np.arange(1, len(a) + 1)
+    for v in np.unique(a):
+        r[a == v] = r[a == v].mean()
+    return r
+
+
+def spearman(a, b):
+    """Spearman's rank correlation: Pearson's of the ranks, ties at their average rank."""
+    return pearson(ranks(a), ranks(b))
+
+
+def correlation(xs, ys):
+    """{'pearson', 'spearman'} of two equally long sequences of at least 3 numbers."""
+    if len(xs) != len(ys) or len(xs) < 3:
+        raise UserError("a correlation needs two equally long sequences of at least 3 numbers")
+    return {"pearson": pearson(xs, ys), "spearman": spearman(xs, ys)}

@@ -10,8 +10,9 @@ import sys
 
 import torch
 
-from gpt import Block, UserError
-from runtime import OneLineParser, Progress, load_model, pick_device  # noqa: F401  (sample.load_model: notebooks)
+from gpt import Block
+from objectives import load_model
+from runtime import OneLineParser, Progress, UserError, pick_device
 
 
 def count_steps(model, progress, tokens_per_step, max_new_tokens):
@@ -28,7 +29,7 @@ def count_steps(model, progress, tokens_per_step, max_new_tokens):
 def round_trip(model, objective, saved, tokenizer, ids, device):
     """An autoencoder does not continue text: show what it makes of the prompt, and how much survives."""
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = objective["generate"](model, idx, saved, None)[0].tolist()
+    out = objective.generate(model, idx, saved, None)[0].tolist()
     same = sum(a == b for a, b in zip(ids, out))
     print(f"autoencoder checkpoint: it reconstructs text (K={saved.chunk_size} tokens <-> one vector) instead of "
           f"continuing it; the round trip of --prompt:", file=sys.stderr)
@@ -59,7 +60,7 @@ def main(argv=None):
         device = pick_device(args.device)
         model, objective, saved, tokenizer = load_model(args.ckpt, device)
         if args.temperature is None:
-            args.temperature = objective.get("default_temperature", 0.8)
+            args.temperature = objective.default_temperature
         for k in ("max_new_tokens", "temperature", "top_k", "speculative", "temp_sampler"):
             if getattr(args, k) is not None:
                 setattr(saved, k, getattr(args, k))
@@ -69,7 +70,7 @@ def main(argv=None):
             raise UserError(f"the {tokenizer.name} tokenizer cannot encode the prompt ({e})") from None
         if not ids:
             raise UserError("the prompt is empty after tokenization")
-        if saved.objective == "autoencoder":
+        if not objective.language_model:
             return round_trip(model, objective, saved, tokenizer, ids, device)
         generator = torch.Generator(device).manual_seed(args.seed)
         total = args.num_samples * args.max_new_tokens
@@ -79,7 +80,7 @@ def main(argv=None):
             hook = None if args.speculative else count_steps(
                 model, lambda n: progress(i * args.max_new_tokens + n), getattr(model, "K", 1), args.max_new_tokens)
             try:
-                out = objective["generate"](model, idx, saved, generator)
+                out = objective.generate(model, idx, saved, generator)
             finally:
                 if hook is not None:
                     hook.remove()

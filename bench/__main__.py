@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-from gpt import UserError
+from runtime import UserError
 
 COMMANDS = {"table": "bench.table", "core": "bench.core", "mtp": "bench.mtp_bench", "calm": "bench.calm_bench",
             "dispersion": "bench.dispersion_experiments", "gpu": "bench.gpu"}
@@ -18,6 +18,10 @@ def main(argv=None):
             raise UserError(f"choose a benchmark: python -m bench {{{'|'.join(COMMANDS)}}} [flags] "
                             f"(got {' '.join(argv[:1]) or 'nothing'})")
         sys.argv[0] = f"python -m bench {argv[0]}"
+        if argv[:2] == ["mtp", "sweep"]:  # the scale findings live apart from the micro-benchmarks
+            return importlib.import_module("bench.mtp_experiments").main(argv[2:])
+        if argv[:1] == ["calm"] and argv[1:2] in (["run"], ["list"]):  # CALM's experiments: bench/calm_runs.py
+            return importlib.import_module("bench.calm_runs").main(argv[1:])
         return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,18 +12,14 @@ each timed by synchronised wall clock around the module calls.
 import sys
 import time
 from collections import defaultdict
-from types import SimpleNamespace
 
 import torch
 
 import calm
 from gpt import GPT, GPTConfig
-from train import OneLineParser
+from runtime import OneLineParser
+from bench.common import sync
 
-
-def sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def timed(obj, attr, name, totals, device):
@@ -54,9 +50,6 @@ def run(fn, device, repeats):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["run"], ["list"]):  # the experiments: bench/calm_runs.py
-        from bench import calm_runs
-        return calm_runs.main(argv)
     p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--K", type=int, default=4)
     p.add_argument("--tokens", type=int, default=256)
@@ -70,11 +63,9 @@ def main(argv=None):
     dev, n = a.device, a.tokens
     block = (n + 64) // a.K * a.K                                     # the whole generation fits one window
     gcfg = GPTConfig(block_size=block, vocab_size=a.vocab_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd)
-    args = SimpleNamespace(**{f.name: f.default for f in calm.fields(calm.CALMConfig)}, block_size=block)
-    args.chunk_size = a.K
     torch.manual_seed(0)
     ntp = GPT(gcfg).to(dev).eval()
-    model = calm.CALM(gcfg, args).to(dev).eval()
+    model = calm.CALM(gcfg, calm.AEConfig(chunk_size=a.K), calm.HeadConfig()).to(dev).eval()
     prompt = torch.zeros(1, a.K, dtype=torch.long, device=dev)
     gen = torch.Generator(dev).manual_seed(0)
 

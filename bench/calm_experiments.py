@@ -1,5 +1,5 @@
 """Measurements behind tutorials/calm.ipynb and bench/calm_runs.py (not the paper itself: that is calm.py and
-calm_heads.py). Every function takes a trained model (CALM or a GPT) and the data, and samples only."""
+calm_comparison_heads.py). Every function takes a trained model (CALM or a GPT) and the data, and samples only."""
 import copy
 import time
 
@@ -8,6 +8,7 @@ import torch
 
 import brierlm
 import calm
+import objectives
 
 
 def sampler_at(model, temperature, sampler="batch"):
@@ -17,7 +18,7 @@ def sampler_at(model, temperature, sampler="batch"):
         def draw(m, ctx, n, gen, args):
             args = copy.copy(args)
             args.temp_sampler = sampler
-            return calm.calm_draw(m, ctx, n, gen, args, temperature)
+            return objectives.calm_draw(m, ctx, n, gen, args, temperature)
         return draw
     return lambda m, ctx, n, gen, args: m.generate(ctx, n, temperature=temperature, generator=gen)[:, -n:]
 
@@ -25,8 +26,9 @@ def sampler_at(model, temperature, sampler="batch"):
 def brier_scores(model, data, args, n_positions=256, temperature=1.0, seed=0, sampler="batch"):
     """Brier-1..4 and BrierLM of any model here (brierlm.py, two samples per position), with their standard
     errors over positions ('brier1_se' .. 'brier4_se', 'brierlm_se', None when a Brier-n <= 0)."""
-    est = brierlm.brier_eval(model, {"draw": sampler_at(model, temperature, sampler)}, data, args, n_positions,
-                             seed)["sampled"]
+    draw = sampler_at(model, temperature, sampler)
+    objective = objectives.Objective("sampler", None, None, None, draw=draw)
+    est = objectives.brier_scores(model, objective, data, args, n_positions, seed)["sampled"]
     se = est.std(0, ddof=1) / np.sqrt(len(est))
     out = {**brierlm.summarize(est), **{f"brier{n + 1}_se": float(se[n]) for n in range(est.shape[1])}}
     se_lm = brierlm.brierlm_stderr(est)
@@ -39,7 +41,8 @@ def tempered_accuracy(model, data, args, temperature, n_positions=512, seed=0, s
     """Quality and diversity of samples at a temperature, at n_positions val positions: accuracy of the first
     1 and 4 sampled tokens (all 4 right: CALM K = 4's first chunk) and how often two samples agree (4-grams)."""
     gen = torch.Generator().manual_seed(seed)
-    ctx, ref = brierlm.eval_windows(data, "val", n_positions, brierlm.context_length(args), gen)
+    ctx_len = brierlm.context_length(args.block_size, getattr(model, "K", 1))
+    ctx, ref = brierlm.eval_windows(data, "val", n_positions, ctx_len, gen)
     draw, hits, agree = sampler_at(model, temperature, sampler), [], []
     for lo in range(0, n_positions, 64):
         c, r = ctx[lo:lo + 64], ref[lo:lo + 64]

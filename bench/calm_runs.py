@@ -22,13 +22,14 @@ import torch
 
 import brierlm
 import calm
-import train
+import objectives
+import trainer
 from data import load_data
-from gpt import UserError
-from runtime import load_checkpoint, to_argv
-from sample import load_model
+from objectives import load_model
+from runtime import OneLineParser, UserError, load_checkpoint, to_argv
 
 from bench import calm_experiments
+from bench.common import architecture
 from bench.flops import train_flops_per_token
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +51,6 @@ def schedule(lr, kind, warmup=100):
 
 def architecture_of(flags):
     """(model with random weights, args, objective) of a run's flags, as train.py builds them (no data, no AE)."""
-    from bench.table import architecture
     return architecture(flags)
 
 
@@ -110,9 +110,10 @@ def recipe_6x192():
 
 
 # the recipe (chosen by the sweep above; calm.py's defaults and train.py's `--objective calm` use the same values)
-CALM_RECIPE = dict(chunk_size=4, **schedule(calm.RECIPE["learning_rate"], "const", calm.RECIPE["warmup_iters"]),
-                   **{k: getattr(calm.CALMConfig, k) for k in ("head_dim", "head_layers", "num_samples",
-                                                              "head_lr_scale")})
+CALM_RECIPE = dict(chunk_size=4, **schedule(objectives.RECIPE["learning_rate"], "const",
+                                            objectives.RECIPE["warmup_iters"]),
+                   **{k: getattr(calm.HeadConfig, k) for k in ("head_dim", "head_layers", "num_samples")},
+                   head_lr_scale=objectives.CALMFlags.head_lr_scale)
 NTP_RECIPE = schedule(3e-3, "cos")  # the better of 1e-3 and 3e-3 in the sweep
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1)
 CURVES = {"4x128": dict(ntp_iters=600, seeds={4: 3, 2: 3, 1: 3}),
@@ -247,14 +248,13 @@ def autoencoder(K, work=WORK, ae_iters=None, latent_dim=None):
     path = os.path.join(out, "ckpt.pt")
     with Locked(path):
         if not os.path.exists(path):
-            args = SimpleNamespace(**{f.name: f.default for f in fields(calm.CALMConfig)}, device="cpu", seed=1337,
-                                   block_size=DATA["block_size"], batch_size=DATA["batch_size"])
-            args.chunk_size, args.ae_iters = K, ae_iters or args.ae_iters
-            args.latent_dim = latent_dim or args.latent_dim
-            flags = calm.autoencoder_flags(out, args, DATA["dataset"], DATA["tokenizer"])
+            args = SimpleNamespace(**{f.name: f.default for f in fields(calm.AEConfig)}, device="cpu", seed=1337,
+                                   ae_iters=ae_iters or objectives.CALMFlags.ae_iters, out_dir=out, **DATA)
+            args.chunk_size, args.latent_dim = K, latent_dim or args.latent_dim
+            flags = objectives.autoencoder_flags(args, out_dir=out)
             if ae_iters:  # smoke: a few iterations, a short evaluation
                 flags.update(block_size=32, eval_iters=1)
-            train.run_quietly(to_argv(flags))
+            trainer.run_quietly(to_argv(flags))
     return path
 
 
@@ -263,7 +263,7 @@ def score(ckpt, data, positions):
     positions for every run with the same context length), from two samples per position."""
     model, objective, args, _ = load_model(ckpt, "cpu")
     args.device = "cpu"
-    est = brierlm.brier_eval(model, objective, data, args, positions, seed=0)["sampled"]
+    est = objectives.brier_scores(model, objective, data, args, positions, 0)["sampled"]
     se = est.std(0, ddof=1) / len(est) ** 0.5
     out = {**brierlm.summarize(est), **{f"brier{n + 1}_se": float(se[n]) for n in range(4)}}
     se_lm = brierlm.brierlm_stderr(est)
@@ -295,7 +295,7 @@ def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WOR
         t = time.time()
         if end > at:
             resume = ["--resume"] if at else ["--overwrite"]
-            train.run_quietly(to_argv({**base, "max_iters": end, "eval_interval": end}) + resume)
+            trainer.run_quietly(to_argv({**base, "max_iters": end, "eval_interval": end}) + resume)
             at = end
         seconds += time.time() - t
         metrics = load_checkpoint(ckpt)["metrics"]
@@ -337,7 +337,7 @@ def run(exp, shard=(0, 1), only=None, dry=False, log=print, results=RESULTS, wor
 
 
 def main(argv):
-    p = train.OneLineParser(prog="python -m bench calm", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m bench calm", description=__doc__.splitlines()[0])
     p.add_argument("command", choices=["run", "list"])
     p.add_argument("experiment", nargs="?", default=None)
     p.add_argument("--shard", default="0/1", help="I/N: every N-th run starting at run I")

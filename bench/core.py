@@ -22,9 +22,13 @@ from types import SimpleNamespace
 
 import torch
 
-import train
+import objectives
+import runtime
+import trainer
 from bench.flops import train_flops_per_token
-from gpt import GPT, GPTConfig, UserError
+from gpt import GPT, GPTConfig
+from runtime import UserError
+from bench.common import sync
 
 # (model, batch size): the two shapes of issue 16 ('small' is also the cpu preset of python -m bench table), the
 # gpu preset's, and a toy one for the tests
@@ -50,14 +54,10 @@ def build(shape, pos, device="cpu", compile_blocks=False):
     return model
 
 
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
 
 def make_step(model, batch_size, device, autocast_dtype=None):
     """A function running one training step of model on fixed random tokens."""
-    opt = train.make_optimizer(model, ADAMW, str(device))
+    opt = trainer.make_optimizer(model, objectives.NTP, ADAMW, str(device))
     T, V = model.config.block_size, model.config.vocab_size
     gen = torch.Generator().manual_seed(1)
     x, y = (torch.randint(V, (batch_size, T), generator=gen).to(device) for _ in range(2))
@@ -122,7 +122,7 @@ def describe(r):
 
 
 def main(argv=None):
-    parser = train.OneLineParser(prog="python -m bench core", description=__doc__.splitlines()[0])
+    parser = runtime.OneLineParser(prog="python -m bench core", description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="small,medium", help=f"comma-separated, from {', '.join(SHAPES)}")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=4, help="training steps per model and round")

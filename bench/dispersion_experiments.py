@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 import dispersion as dp
-import train
+import runtime
+import trainer
 from data import cache_dir, load_data
-from gpt import UserError
-from train import OneLineParser
+from objectives import load_model
+from runtime import OneLineParser, UserError, correlation, mean_se
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPERATORS = "+-="
@@ -33,15 +34,14 @@ DIGITS = "0123456789"
 # ----------------------------------------------------------------------------- training drivers
 
 def run_training(argv, quiet=True):
-    """train.main(argv), its printout captured when quiet; returns the checkpoint path. UserError if it fails."""
-    train.run_quietly(argv) if quiet else train.main(argv)
+    """trainer.main(argv), its printout captured when quiet; returns the checkpoint path. UserError if it fails."""
+    trainer.run_quietly(argv) if quiet else trainer.main(argv)
     return os.path.join(argv[argv.index("--out_dir") + 1], "ckpt.pt")
 
 
 def train_with_snapshots(argv, snapshot_iters, measure, device="cpu"):
     """Train one run in stages (train.py --resume) and call measure(model) on the checkpoint at every iteration of
     snapshot_iters (the lr schedule spans the whole run). Returns [{'iter', 'model', **measure(model)}]."""
-    from sample import load_model
     final, rows = max(snapshot_iters), []
     for n, it in enumerate(sorted(snapshot_iters)):
         stage = argv + ["--max_iters", str(it), "--lr_decay_iters", str(final)] + (["--resume"] if n else
@@ -187,7 +187,6 @@ def sweep_runs(S):
 
 def sweep(scale="cpu", out_dir="out/dispersion", results=None, device="cpu", log=print):
     """Part 2: every run of sweep_runs, trained with train.py, evaluated per domain on fixed val chunks."""
-    from sample import load_model
     S, R = SCALES[scale], Results("sweep", scale, results)
     for setting, scope, lam, seed in sweep_runs(S):
         name = f"{setting}_{scope}_{lam}_{seed}"
@@ -197,7 +196,7 @@ def sweep(scale="cpu", out_dir="out/dispersion", results=None, device="cpu", log
                     "--dispersion_scope", scope, "--seed", str(seed), "--max_iters", str(S["iters"]),
                     "--out_dir", os.path.join(out_dir, "sweep", name), "--overwrite"] + model_flags(S, device)
             path = os.path.join(out_dir, "sweep", name, "ckpt.pt")
-            if not (os.path.exists(path) and train.load_checkpoint(path)["iter"] == S["iters"]):  # else: finished
+            if not (os.path.exists(path) and runtime.load_checkpoint(path)["iter"] == S["iters"]):  # else: finished
                 run_training(argv)
             model = load_model(path, device)[0]
             return dict(setting=setting, scope=scope, lam=lam, seed=seed,
@@ -208,9 +207,6 @@ def sweep(scale="cpu", out_dir="out/dispersion", results=None, device="cpu", log
     return R.rows
 
 
-def mean_se(values):
-    v = torch.tensor(values, dtype=torch.float64)
-    return v.mean().item(), (v.std().item() / len(v) ** 0.5 if len(v) > 1 else float("nan"))
 
 
 def sweep_table(rows):
@@ -270,7 +266,7 @@ def accuracy_sets(correct, within, last, set_size, n_sets, seed=0):
                               wrong[torch.randperm(len(wrong), generator=gen)[:set_size - k]]])
             rows.append((share, within[pick].mean().item(), dp.dispersion(last[pick]).item()))
     shares, w, a = zip(*rows)
-    return dict(sets=rows, within=dp.correlation(w, shares), across=dp.correlation(a, shares))
+    return dict(sets=rows, within=correlation(w, shares), across=correlation(a, shares))
 
 
 def measure_arithmetic(model, windows, S):
@@ -338,7 +334,6 @@ def layers_knn(scale="cpu", out_dir="out/dispersion", results=None, device="cpu"
     initialisation: per layer and sub-layer Spearman(dispersion, perplexity) over perplexity-sampled groups of
     chunks of the training text (the authors use 100k chunks of their corpus: our val split is too small for groups
     of 50); kNN-LM perplexity with keys from the last layer's sub-layers beside each key space's dispersion."""
-    from sample import load_model
     S, R = SCALES[scale], Results("layers_knn", scale, results)
     T, L, m = S["model"]["block_size"], S["model"]["n_layer"], {}
 

@@ -20,7 +20,7 @@ elementwise work are left out; attention at the full window T, the nanoGPT / PaL
   autoencoder       6 (2 K A 7.5 a^2 + 2 K a^2 + 2 A 7.5 a^2 + 2 a l + l a + K a V) / K   (ae_flops, apart)
 """
 import calm
-import calm_heads
+import calm_comparison_heads
 from mtp import MTP
 
 
@@ -40,13 +40,13 @@ def calm_flops_parts(model, num_samples=8):
     c, K = model.backbone.config, model.K
     d, L, T = c.n_embd, c.n_layer, c.block_size            # backbone block_size is in chunks (T / K)
     head, ae = model.head, model.ae
-    N = 1 if model.head_kind == "mse" else num_samples
+    N = 1 if isinstance(head, calm_comparison_heads.MSEHead) else num_samples
     lat, a, A = ae.l, ae.wte.embedding_dim, len(ae.enc_tok)
-    if model.head_kind in ("energy", "mse"):
+    if isinstance(head, calm.EnergyHead):  # the MSE head is the energy head's network
         H, s, w = len(head.blocks), head.noise_size, head.noise_in[0].out_features
         head_flops = 6 * d * w + 6 * N * (s * w + 6 * H * w * w + w * w + w * lat)
     else:
-        H, w, F = len(head.net.blocks), head.net.x_in.out_features, calm_heads.FREQ
+        H, w, F = len(head.net.blocks), head.net.x_in.out_features, calm_comparison_heads.FREQ
         head_flops = 6 * d * w + 6 * N * (2 * lat * w + F * w + (5 * H + 3) * w * w)
     return dict(backbone=6 * 12 * L * d * d + 12 * L * d * T, compress=6 * (2 * K + 2) * d * d, head=head_flops,
                 encoder=2 * (K * A * 7.5 * a * a + K * a * a + A * 7.5 * a * a + 2 * a * lat))

@@ -25,8 +25,8 @@ import time
 import torch
 
 from data import load_data
-from gpt import UserError
-from train import OneLineParser
+from runtime import UserError
+from runtime import OneLineParser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ("core", "table", "mtp", "calm", "notebooks")

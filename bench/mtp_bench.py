@@ -25,9 +25,13 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from gpt import GPT, GPTConfig, KVCache, UserError
-from mtp import MTP, mtp_forward_backward, speculative_benchmark
-from train import OneLineParser
+from gpt import GPT, GPTConfig, KVCache
+from data import load_data
+from runtime import UserError
+import objectives
+from mtp import MTP, speculative_generate
+from runtime import OneLineParser
+from bench.common import sync
 
 MEMORY_MODEL = dict(vocab_size=50257, n_layer=8, n_head=4, n_embd=256, block_size=128)  # GPT-2 vocabulary
 MEMORY_BATCH = 4
@@ -51,7 +55,7 @@ def one_step_memory(n_future, naive, device="cpu", batch=MEMORY_BATCH, **model):
         if n_future == 0:
             net(x, y)[1].backward()
         else:
-            mtp_forward_backward(net, x, y, args)
+            objectives.mtp_forward_backward(net, x, y, args, 1.0)
 
     step()  # warm-up: gradient buffers now exist and are not counted
     if device.startswith("cuda"):
@@ -125,10 +129,6 @@ def forward_costs(n_future, n_embd, n_layer=12, vocab_size=256, dtype="float32",
     return verify_costs(model, repeats=repeats)
 
 
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
 
 def cost_table(widths, ns=(2, 4), n_layer=12, dtypes=("float32", "bfloat16"), repeats=20, device="cpu"):
     """forward_costs over widths x n x dtypes: [{'n_embd', 'n', 'dtype', 'step_s', 'verify_s', 'ratio', 'blocks'}],
@@ -144,10 +144,44 @@ def cost_table(widths, ns=(2, 4), n_layer=12, dtypes=("float32", "bfloat16"), re
     return rows
 
 
+def speculative_report(model, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None):
+    """Speculative vs the cached decoder of gpt.py (same temperature / top-k) on one prompt: output, tokens per
+    forward, wall-clock of both, speed-up, and (greedy only) whether the two outputs are identical."""
+    t = time.perf_counter()
+    out, stats = speculative_generate(model, idx, max_new_tokens, temperature, top_k, generator)
+    stats["seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ref = model.generate(idx, max_new_tokens, temperature, top_k, generator=generator)
+    stats["baseline_seconds"] = time.perf_counter() - t
+    stats["speedup"] = stats["baseline_seconds"] / stats["seconds"]
+    stats["identical"] = bool(torch.equal(out, ref)) if temperature == 0 else None
+    return out, stats
+
+
+def speculative_benchmark(model, data, n_prompts=8, prompt_len=32, new_tokens=128, split="val", seed=0,
+                          temperature=0.0):
+    """Self-speculative vs cached decoding (greedy, or sampling at a temperature) on prompts drawn from a data
+    split: accepted tokens per forward (over all prompts, and per prompt), total wall-clock of each, speed-up, and
+    (greedy) whether every output was identical to plain greedy decoding."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    prompts, _ = data.get_batch(split, n_prompts, prompt_len, gen, device)
+    sampler = torch.Generator(device).manual_seed(seed) if temperature > 0 else None
+    tokens = forwards = spec_s = greedy_s = 0
+    identical, per_prompt = True, []
+    for p in prompts:
+        _, s = speculative_report(model, p[None], new_tokens, temperature, generator=sampler)
+        per_prompt.append(s["tokens_per_forward"])
+        tokens, forwards = tokens + s["tokens"], forwards + s["forwards"]
+        spec_s, greedy_s = spec_s + s["seconds"], greedy_s + s["baseline_seconds"]
+        identical = identical and s["identical"]
+    return dict(tokens_per_forward=tokens / max(forwards, 1), speculative_s=spec_s, greedy_s=greedy_s,
+                speedup=greedy_s / spec_s, identical=identical, per_prompt=per_prompt)
+
+
 def main(argv=None):
     p = OneLineParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["memory", "speculative", "costs", "sweep", "memory-child"])
-    p.add_argument("sweep", nargs="?", default=None, help="sweep: size|induction|polynomial|bytes|speedup|all")
+    p.add_argument("what", choices=["memory", "speculative", "costs", "memory-child"])
     p.add_argument("--n", type=int, nargs="+", default=None, help="heads (memory: 1 2 4 8; costs: 2 4)")
     p.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512, 768], help="costs: n_embd values")
     p.add_argument("--layers", type=int, default=12, help="costs: total blocks L")
@@ -159,15 +193,9 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the paper); > 0: speculative sampling")
-    p.add_argument("--scale", default="cpu", help="sweep: cpu or smoke")
-    p.add_argument("--out", default="results", help="sweep: folder of mtp_<sweep>.json")
     a = p.parse_args(argv)
     if a.what == "memory-child":
         print(one_step_memory(a.n[0], bool(a.naive), a.device, **json.loads(a.model)))
-        return
-    if a.what == "sweep":
-        from bench import mtp_experiments
-        mtp_experiments.run(a.sweep or "all", a.scale, a.out)
         return
     if a.what == "memory":
         model = {**MEMORY_MODEL, **json.loads(a.model)}
@@ -200,10 +228,8 @@ def main(argv=None):
         return
     if not a.ckpt:
         raise UserError("speculative needs --ckpt PATH [PATH ...] (multi-token checkpoints)")
-    import sample
-    from data import load_data
     for path in a.ckpt:
-        model, _, saved, _ = sample.load_model(path, a.device)
+        model, _, saved, _ = objectives.load_model(path, a.device)
         if not hasattr(model, "n_future"):
             raise UserError(f"{path} is a {saved.objective} checkpoint: speculative needs an mtp one")
         data = load_data(saved.dataset, saved.tokenizer)

@@ -2,7 +2,7 @@
 
     python -m bench mtp sweep size|induction|polynomial|bytes|speedup|all [--scale cpu|smoke] [--out results]
 
-Every run trains through train.py (train.run_quietly; checkpoints in out/mtp_sweeps/<scale>/<sweep>/<run>, resumed
+Every run trains through train.py (trainer.run_quietly; checkpoints in out/mtp_sweeps/<scale>/<sweep>/<run>, resumed
 with --resume when a sweep was cut) and is evaluated the same way afterwards. Each sweep rewrites its JSON after
 every run, so a cut sweep keeps what it finished and a second call only runs what is missing. tutorials/mtp.ipynb
 reads these files at cpu scale and runs the smoke scale itself.
@@ -29,13 +29,15 @@ import numpy as np
 import torch
 
 import brierlm
-import train
+import objectives
+import trainer
+import runtime
 from bench.flops import train_flops_per_token
-from bench.mtp_bench import verify_costs
+from bench.mtp_bench import speculative_benchmark, verify_costs
 from data import load_data
-from gpt import UserError
-from mtp import speculative_benchmark, speculative_generate
-from sample import load_model
+from runtime import OneLineParser, UserError, mean_se
+from mtp import speculative_generate
+from objectives import load_model
 
 SWEEPS = ("size", "induction", "polynomial", "bytes", "speedup")
 SCALES = {  # models are (n_layer, n_embd, n_head); `recipe` is what a finished run must match to be kept
@@ -69,10 +71,6 @@ HARDWARE = (f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other
             f"{torch.get_num_threads()} thread(s), torch {torch.__version__}")
 
 
-def mean_se(xs):
-    """(mean, standard error over the values); se is nan for a single value."""
-    xs = np.asarray(xs, dtype=np.float64)
-    return float(xs.mean()), float(xs.std(ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else float("nan")
 
 
 def non_embedding_params(model):
@@ -119,7 +117,7 @@ def train_model(out_dir, model, n, r, seed=1337, extra=(), log=print):
             str(seed), "--brier_positions", "0", "--sample_tokens", "0", *extra]
     t, resume = time.time(), []
     if os.path.exists(ckpt):  # a finished or cut run of the same recipe is reused; another recipe's is replaced
-        saved = train.load_checkpoint(ckpt)
+        saved = runtime.load_checkpoint(ckpt)
         want = dict(n_future=n, n_layer=L, n_embd=d, n_head=heads, block_size=r["block"], batch_size=r["batch"],
                     learning_rate=r["lr"], warmup_iters=r["warmup"], seed=seed)
         resume = ["--resume"] if all(saved["args"].get(k) == v for k, v in want.items()) else ["--overwrite"]
@@ -127,7 +125,7 @@ def train_model(out_dir, model, n, r, seed=1337, extra=(), log=print):
             resume = None
     if resume is not None:
         log(f"  training {out_dir} ...")
-        train.run_quietly(argv + resume)
+        trainer.run_quietly(argv + resume)
     net, _, saved, _ = load_model(ckpt)
     return net, load_data(saved.dataset, saved.tokenizer), time.time() - t
 
@@ -138,8 +136,8 @@ def head1_quality(model, data, block, batches, positions, seed=0):
     16 x block tokens, exact Brier-1 and the variance-reduced Brier-2..4 / BrierLM at `positions` positions."""
     gpt, gen = model.trunk, torch.Generator().manual_seed(seed)
     ce = [gpt(*data.get_batch("val", 16, block, gen))[1].item() for _ in range(batches)]
-    per = brierlm.brier_eval(gpt, train.NTP, data, SimpleNamespace(block_size=block), positions, seed,
-                             variance_reduced=True)
+    per = objectives.brier_scores(gpt, objectives.NTP, data, SimpleNamespace(block_size=block), positions, seed,
+                                  variance_reduced=True)
     out = dict(val_loss_h1=float(np.mean(ce)), brier1=float(per["exact1"].mean()),
                brier1_se=float(per["exact1"].std(ddof=1) / math.sqrt(positions)),
                brierlm=brierlm.summarize(per["reduced"])["brierlm"], brierlm_se=brierlm.brierlm_stderr(per["reduced"]))
@@ -360,3 +358,13 @@ def run(sweep, scale="cpu", out="results", work=None, log=print):
             sweep_bytes(p, res, work, log, size)
         reports[s] = res.report
     return reports
+
+
+def main(argv=None):
+    """python -m bench mtp sweep size|induction|polynomial|bytes|speedup|all [--scale cpu|smoke] [--out DIR]"""
+    p = OneLineParser(prog="python -m bench mtp sweep", description=__doc__.splitlines()[0])
+    p.add_argument("sweep", nargs="?", default="all", help="size|induction|polynomial|bytes|speedup|all")
+    p.add_argument("--scale", default="cpu", help="cpu or smoke")
+    p.add_argument("--out", default="results", help="folder of mtp_<sweep>.json")
+    a = p.parse_args(argv)
+    run(a.sweep, a.scale, a.out)

@@ -8,7 +8,7 @@ gets `ntp_iters` iterations of batch_size x block_size tokens; that is the FLOPs
 gets max_iters = round(budget / (its FLOPs per token x batch_size x block_size)), same learning rate and schedule.
 Each run is trained in `stages` resumed pieces (train.py --resume: the same run as one go) and scored after each,
 which gives BrierLM against training FLOPs (the report's "curve"). Rows: ntp; mtp n=2, n=4 (the heads replace trunk
-blocks, mtp.py); calm K=2, K=4 with calm.py's recipe (calm.RECIPE: its learning rate, constant after warm-up, and
+blocks, mtp.py); calm K=2, K=4 with calm.py's recipe (objectives.RECIPE: its learning rate, constant after warm-up, and
 its head; an autoencoder is trained first, its FLOPs reported apart in ae_flops, not charged to the budget);
 dispersion with lambda = 0.1 (the best value of tutorials/dispersion.ipynb). An objective that fails gets a row that
 says so; the others still run. Results: out/bench_<preset>[_cuda].json and .csv.
@@ -47,18 +47,21 @@ import time
 import torch
 
 import brierlm
+import objectives
 import calm
 import dispersion
-import train
+import trainer
+import runtime
 from data import load_data
-from gpt import UserError
+from runtime import UserError
 from mtp import MTP, speculative_generate
 from runtime import to_argv
-from sample import load_model
+from objectives import load_model
 
 from bench import core
 from bench.flops import ae_flops_per_token, calm_flops_parts, train_flops_per_token
 from bench.mtp_bench import rss_kib
+from bench.common import architecture, sync
 
 PRESETS = {
     "tiny": dict(model=dict(n_layer=4, n_head=2, n_embd=32, block_size=32), batch_size=8, ntp_iters=30, stages=2,
@@ -81,15 +84,8 @@ NOT_MEASURED = "not measured (no GPU in this run)"
 
 def common_flags(p, device):
     flags = dict(dataset="shakespeare", tokenizer="bytes", device=device, batch_size=p["batch_size"],
-                 eval_iters=2, brier_positions=0, sample_tokens=0, overwrite=True, **p["model"])
+                 eval_iters=2, brier_positions=0, sample_tokens=0, **p["model"])
     return flags
-
-
-def architecture(flags):
-    """(model with random weights, args, objective) as train.py would build them, without data or training."""
-    args, objective = train.parse_args(to_argv(flags))
-    args.device = "cpu"
-    return objective["build"](train.gpt_config(args, 256), args, None), args, objective
 
 
 def iters_for_budget(flags, p):
@@ -118,10 +114,6 @@ def first_block(model):
     return (model.trunk if isinstance(model, MTP) else model).blocks[0]
 
 
-def sync(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
 
 @torch.no_grad()
 def generation(model, prompt, n_tokens, device):
@@ -146,14 +138,14 @@ def generation(model, prompt, n_tokens, device):
 def training_speed(model, objective, args, data, steps, device):
     """Median tokens/s of full training steps (after 2 warm-up steps); the model is left trained further."""
     model.train()
-    opt = train.make_optimizer(model, args, device)
+    opt = trainer.make_optimizer(model, objective, args, device)
     gen, times = torch.Generator().manual_seed(1), []
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else contextlib.nullcontext()
     for i in range(steps + 2):
         x, y = data.get_batch("train", args.batch_size, args.block_size, gen, device)
         sync(device)
         t = time.perf_counter()
-        train.forward_backward(model, objective, x, y, args, 1.0, ctx)
+        trainer.forward_backward(model, objective, x, y, args, 1.0, ctx)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -175,7 +167,7 @@ def val_cross_entropy(model, batches):
 def brier_and_ce(model, objective, args, data, p, device):
     """BrierLM (and its standard error) at the preset's fixed val positions, and val cross-entropy."""
     T = p["model"]["block_size"]
-    est = brierlm.brier_eval(model, objective, data, args, p["brier_positions"], seed=0)["sampled"]
+    est = objectives.brier_scores(model, objective, data, args, p["brier_positions"], 0)["sampled"]
     se = brierlm.brierlm_stderr(est)
     ce = val_cross_entropy(model, dispersion.fixed_batches(data, "val", p["eval_batches"], p["batch_size"], T, 1,
                                                            device))
@@ -186,11 +178,11 @@ def train_autoencoder(K, p, device, work):
     """CALM's autoencoder for chunk size K, trained before CALM as calm.py trains it (calm.autoencoder_flags), for
     p["ae_iters"] iterations (its FLOPs are reported apart, in ae_flops)."""
     ae_dir = os.path.join(work, f"autoencoder K={K}")
-    args, _ = train.parse_args(to_argv({**common_flags(p, device), "objective": "calm", "chunk_size": K,
-                                        "ae_iters": p["ae_iters"]}))
-    flags = {**calm.autoencoder_flags(ae_dir, args, "shakespeare", "bytes"), "eval_iters": 2,
-             "warmup_iters": min(30, p["ae_iters"] // 10), "overwrite": True}
-    train.run_quietly(to_argv(flags))
+    args, _ = trainer.parse_args(to_argv({**common_flags(p, device), "objective": "calm", "chunk_size": K,
+                                          "ae_iters": p["ae_iters"]}))
+    flags = objectives.autoencoder_flags(args, out_dir=ae_dir, eval_iters=2, overwrite=True,
+                                         warmup_iters=min(30, p["ae_iters"] // 10))
+    trainer.run_quietly(to_argv(flags))
     return os.path.join(ae_dir, "ckpt.pt")
 
 
@@ -207,14 +199,14 @@ def run_row(label, objective_name, extra, p, device, work, ae_paths, data):
     iters, flops_per_token = iters_for_budget(flags, p)
     T, B = p["model"]["block_size"], p["batch_size"]
     flags.update(lr_decay_iters=iters, warmup_iters=min(30, iters // 10), log_interval=iters)
-    if objective_name == "calm":  # CALM's own recipe (constant after warm-up: calm.build_calm)
-        flags.update(learning_rate=calm.RECIPE["learning_rate"], warmup_iters=min(calm.RECIPE["warmup_iters"],
+    if objective_name == "calm":  # CALM's own recipe (constant after warm-up: objectives.CALM's min_lr_ratio)
+        flags.update(learning_rate=objectives.RECIPE["learning_rate"], warmup_iters=min(objectives.RECIPE["warmup_iters"],
                                                                                    iters // 10))
     ends = sorted({max(1, round(iters * (i + 1) / p["stages"])) for i in range(p["stages"])})
     curve = []
     for i, end in enumerate(ends):
-        resume = ["--resume"] if i else []
-        metrics = train.run_quietly(to_argv({**flags, "max_iters": end, "eval_interval": end}) + resume)
+        resume = ["--resume"] if i else ["--overwrite"]
+        metrics = trainer.run_quietly(to_argv({**flags, "max_iters": end, "eval_interval": end}) + resume)
         model, objective, args, _ = load_model(os.path.join(flags["out_dir"], "ckpt.pt"), device)
         curve.append(dict(iter=end, train_flops=flops_per_token * end * B * T,
                           **brier_and_ce(model, objective, args, data, p, device)))
@@ -250,14 +242,14 @@ def step_memory(flags, device):
     torch.manual_seed(0)
     model, args, objective = architecture({**flags, "device": "cpu"})
     model = model.to(device).train()
-    opt = train.make_optimizer(model, args, str(device))
+    opt = trainer.make_optimizer(model, objective, args, str(device))
     V = 256
     x = torch.randint(V, (args.batch_size, args.block_size), device=device)
     y = torch.randint(V, (args.batch_size, args.block_size), device=device)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     def step():
-        train.forward_backward(model, objective, x, y, args, 1.0, ctx)
+        trainer.forward_backward(model, objective, x, y, args, 1.0, ctx)
         opt.step()
         opt.zero_grad(set_to_none=True)
     step()  # warm-up: AdamW state exists from here on
@@ -344,7 +336,7 @@ def run(preset="tiny", out="results", device="auto", core=None, rows=ROWS, work=
     """The whole protocol; returns the report (also written to out/bench_<preset>[_cuda].json and .csv)."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
-    device = train.pick_device(device)
+    device = runtime.pick_device(device)
     cuda = device.startswith("cuda")
     if preset == "gpu" and not cuda:
         raise UserError("--preset gpu needs a CUDA GPU and none was found: use --preset cpu or --preset tiny")
@@ -396,7 +388,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["memory-child"]:
         return memory_child(argv[1])
-    parser = train.OneLineParser(description=__doc__.splitlines()[0])
+    parser = runtime.OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu", help="tiny (< 1 min, the tests), cpu (~15 min on 2 cores), gpu")
     parser.add_argument("--out", default="results", help="folder for bench_<preset>.json and .csv")
     parser.add_argument("--device", default="auto")

@@ -10,6 +10,8 @@ import bench
 from bench import table
 from bench.flops import calm_flops_parts
 import calm
+import objectives
+import trainer
 from gpt import GPT, GPTConfig
 from mtp import MTP
 from util import one_line_error
@@ -46,11 +48,11 @@ def test_mtp_flops_hand_count():
     assert bench.train_flops_per_token(MTP(CFG, 2), 8) == hand
 
 
-def tiny_calm(head="energy", head_dim=16):
-    args = SimpleNamespace(**{f.name: f.default for f in calm.fields(calm.CALMConfig)})
-    args.chunk_size, args.latent_dim, args.ae_dim, args.ae_layers = 2, 4, 8, 1
-    args.noise_size, args.head_layers, args.head, args.head_dim = 4, 1, head, head_dim
-    return calm.CALM(CFG, args)
+def tiny_calm(head="energy", head_dim=16, num_samples=8):
+    args, _ = trainer.parse_args(["--objective", "calm", "--chunk_size", "2", "--latent_dim", "4", "--ae_dim", "8",
+                                  "--ae_layers", "1", "--noise_size", "4", "--head_layers", "1", "--head", head,
+                                  "--head_dim", str(head_dim), "--num_samples", str(num_samples)])
+    return objectives.calm_build(CFG, args)
 
 
 def test_calm_flops_hand_count():
@@ -95,10 +97,9 @@ def counted_training_flops(model, objective_name, argv, x):
     the fused CPU attention kernel, so the formulas' attention terms are taken off before comparing."""
     import contextlib
     from torch.utils.flop_counter import FlopCounterMode
-    import train
-    args, objective = train.parse_args(["--objective", objective_name] + argv)
+    args, objective = trainer.parse_args(["--objective", objective_name] + argv)
     with FlopCounterMode(display=False) as counter:
-        train.forward_backward(model, objective, x, x, args, 1.0, contextlib.nullcontext())
+        trainer.forward_backward(model, objective, x, x, args, 1.0, contextlib.nullcontext())
     return counter.get_total_flops() / x.numel()
 
 
@@ -115,7 +116,7 @@ def test_flops_match_torch_flop_counter():
     # CALM, per token (K = 2, C = 4 chunk positions, N = 2 samples); the formula's 6 N T convention overcounts
     # two things the real step skips: position 0 is a learned start vector, so the compression MLP runs on C - 1
     # of C positions, and the noise fed to noise_in needs no gradient
-    model = tiny_calm()
+    model = tiny_calm(num_samples=2)
     argv = shape + ["--chunk_size", "2", "--latent_dim", "4", "--ae_dim", "8", "--ae_layers", "1", "--noise_size", "4",
                     "--head_layers", "1", "--num_samples", "2"]
     attention = 3 * 2 * (2 * 2 * 4 * 16) / 2
@@ -125,7 +126,7 @@ def test_flops_match_torch_flop_counter():
             bench.train_flops_per_token(model, 8, num_samples=2) - attention - compress_at_start - noise_input_grad)
     # flow / diffusion: the noisy latent fed to x_in and the time features fed to the time MLP need no gradient
     for head in ("flow", "diffusion"):
-        model = tiny_calm(head)
+        model = tiny_calm(head, num_samples=2)
         input_grads = 2 * 2 * macs((4, 16), (256, 16)) / 2
         assert (counted_training_flops(model, "calm", argv + ["--head", head], x) ==
                 bench.train_flops_per_token(model, 8, num_samples=2) - attention - compress_at_start - input_grads)

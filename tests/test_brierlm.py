@@ -8,9 +8,13 @@ import pytest
 import torch
 
 import brierlm
+import objectives
+import score
 import train
+from bench.brierlm_experiments import temperature_sweep
 from data import ByteTokenizer, Dataset
-from gpt import GPT, GPTConfig, UserError
+from gpt import GPT, GPTConfig
+from runtime import UserError, load_checkpoint
 
 Z = 4.5  # tolerance in standard errors (a false alarm about once in 150,000 checks)
 
@@ -22,6 +26,17 @@ def toy_data(val, train_tokens=None):
 
 def toy_args(**kw):
     return SimpleNamespace(**{**dict(block_size=16, seed=0, brier_positions=64), **kw})
+
+
+def context_of(args):
+    return brierlm.context_length(args.block_size, getattr(args, "chunk_size", 1))
+
+
+def evaluate(draw, data, args, n=None, seed=None):
+    """Brier-1..4 and BrierLM of a sampler draw(ctx, n_tokens, generator) at args.brier_positions positions."""
+    per = brierlm.brier_eval(draw, data, n or args.brier_positions, context_of(args),
+                             args.seed if seed is None else seed)["sampled"]
+    return brierlm.summarize(per)
 
 
 def peaked_gpt(vocab, block_size=16, scale=8.0, seed=0):
@@ -97,9 +112,9 @@ def test_both_estimators_match_brute_force_brier_n_on_a_tiny_gpt():
 COUNT = np.arange(3000) % 256  # every byte follows its predecessor + 1: the true continuation is known
 
 
-def oracle_draw(shift=1, wrong_from=None, chunk=1):
-    def draw(model, ctx, n, generator, args):
-        assert ctx.size(1) == brierlm.context_length(args) and ctx.size(1) % chunk == 0
+def oracle_draw(args, shift=1, wrong_from=None, chunk=1):
+    def draw(ctx, n, generator):
+        assert ctx.size(1) == context_of(args) and ctx.size(1) % chunk == 0
         out = (ctx[:, -1:] + shift + torch.arange(n)) % 256
         if wrong_from is not None:
             out[:, wrong_from] = (out[:, wrong_from] + 7) % 256
@@ -109,22 +124,22 @@ def oracle_draw(shift=1, wrong_from=None, chunk=1):
 
 def test_perfect_model_scores_100_and_ngram_alignment():
     data, args = toy_data(COUNT), toy_args()
-    perfect = brierlm.evaluate_objective(None, {"draw": oracle_draw()}, data, args)
+    perfect = evaluate(oracle_draw(args), data, args)
     assert perfect == {"brier1": 1.0, "brier2": 1.0, "brier3": 1.0, "brier4": 1.0, "brierlm": 100.0}
     chunked = toy_args(block_size=17, chunk_size=3)  # a CALM-like model sees 12 = 4 chunks of context
-    assert brierlm.evaluate_objective(None, {"draw": oracle_draw(chunk=3)}, data, chunked)["brierlm"] == 100.0
+    assert evaluate(oracle_draw(chunked, chunk=3), data, chunked)["brierlm"] == 100.0
     # one token too far ahead (what an off-by-one between context and reference would look like): a certain,
     # wrong model scores 2 * 0 - 1 = -1 on every n, and BrierLM 0 (not 100 = 100 * ((-1)^4)^(1/4))
-    shifted = brierlm.evaluate_objective(None, {"draw": oracle_draw(shift=2)}, data, args)
+    shifted = evaluate(oracle_draw(args, shift=2), data, args)
     assert [shifted[f"brier{n}"] for n in range(1, 5)] == [-1.0] * 4 and shifted["brierlm"] == 0.0
     # third token wrong: Brier-1, -2 stay 1; Brier-3 and Brier-4 need every token of the n-gram right
-    third = brierlm.evaluate_objective(None, {"draw": oracle_draw(wrong_from=2)}, data, args)
+    third = evaluate(oracle_draw(args, wrong_from=2), data, args)
     assert [third[f"brier{n}"] for n in range(1, 5)] == [1.0, 1.0, -1.0, -1.0] and third["brierlm"] == 0.0
 
 
 def test_windows_end_at_chunk_boundaries():
     for chunk, block, expect in [(1, 16, 12), (3, 16, 12), (3, 17, 12), (4, 20, 16), (8, 20, 16)]:
-        assert brierlm.context_length(toy_args(block_size=block, chunk_size=chunk)) == expect
+        assert brierlm.context_length(block, chunk) == expect
     ctx, ref = brierlm.eval_windows(toy_data(COUNT), "val", 32, 12, torch.Generator().manual_seed(0))
     assert torch.equal(ref, (ctx[:, -1:] + 1 + torch.arange(4)) % 256)  # the 4 tokens right after the context
 
@@ -133,10 +148,10 @@ def test_uniform_model_scores_closed_form():
     V, N = 2, 6000
     data, args = toy_data(np.random.default_rng(0).integers(0, V, 20_000)), toy_args(brier_positions=N)
 
-    def uniform(model, ctx, n, generator, args):
+    def uniform(ctx, n, generator):
         return torch.randint(V, (ctx.size(0), n), generator=generator)
 
-    est = brierlm.brier_eval(None, {"draw": uniform}, data, args, N, seed=3)["sampled"]
+    est = brierlm.brier_eval(uniform, data, N, context_of(args), seed=3)["sampled"]
     exact = np.array([V ** -n for n in range(1, 5)])  # 2/V^n - V^n/V^(2n)
     se = est.std(0, ddof=1) / math.sqrt(N)
     assert (np.abs(est.mean(0) - exact) <= Z * se).all(), (est.mean(0), exact, se)
@@ -148,13 +163,14 @@ def test_uniform_model_scores_closed_form():
 
 def test_deterministic_given_seed_and_global_rng_untouched():
     model, data = peaked_gpt(256, scale=20.0), toy_data(np.random.default_rng(0).integers(0, 256, 5000))
-    obj_global = {"draw": lambda m, ctx, n, g, a: train.default_draw(m, ctx, n, None, a)}  # uses the global RNG
-    for objective in (train.NTP, obj_global):
+    obj_global = objectives.Objective("global", None, None, None,  # a sampler that uses the global RNG
+                                      draw=lambda m, ctx, n, g, a: objectives.default_draw(m, ctx, n, None, a))
+    for objective in (objectives.NTP, obj_global):
         state = torch.get_rng_state()
-        a = brierlm.brier_eval(model, objective, data, toy_args(), 64, seed=5)["sampled"]
+        a = objectives.brier_scores(model, objective, data, toy_args(), 64, 5)["sampled"]
         assert torch.equal(state, torch.get_rng_state())
-        b = brierlm.brier_eval(model, objective, data, toy_args(), 64, seed=5)["sampled"]
-        c = brierlm.brier_eval(model, objective, data, toy_args(), 64, seed=6)["sampled"]
+        b = objectives.brier_scores(model, objective, data, toy_args(), 64, 5)["sampled"]
+        c = objectives.brier_scores(model, objective, data, toy_args(), 64, 6)["sampled"]
         assert np.array_equal(a, b) and not np.array_equal(a, c)
         assert np.abs(a).sum() > 0  # not a degenerate all-zero comparison
 
@@ -174,17 +190,17 @@ def test_training_stream_unchanged_checkpoint_and_cli(tmp_path, monkeypatch, cap
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     off, on = tiny_train(tmp_path, "off", 0, text), tiny_train(tmp_path, "on", 16, text)
-    ck_off, ck_on = train.load_checkpoint(str(off)), train.load_checkpoint(str(on))
+    ck_off, ck_on = load_checkpoint(str(off)), load_checkpoint(str(on))
     # dropout draws from the global RNG: evaluating BrierLM in between must not shift it
     assert ck_off["metrics"]["train_loss_last"] == ck_on["metrics"]["train_loss_last"]
     assert all(torch.equal(ck_off["model"][k], ck_on["model"][k]) for k in ck_off["model"])
     assert "brierlm" not in ck_off["metrics"] and 0.0 <= ck_on["metrics"]["brierlm"] <= 100.0
     # the score stored at the last eval is reproduced from the checkpoint alone
-    from sample import load_model
-    model, objective, saved, _ = load_model(str(on))
-    again = brierlm.evaluate_objective(model, objective, toy_data_from(saved), saved)
+    model, objective, saved, _ = objectives.load_model(str(on))
+    per = objectives.brier_scores(model, objective, toy_data_from(saved), saved, saved.brier_positions, saved.seed)
+    again = brierlm.summarize(per["sampled"])
     assert again["brierlm"] == ck_on["metrics"]["brierlm"]
-    brierlm.main(["--ckpt", str(on), "--positions", "16", "--seed", str(saved.seed), "--device", "cpu",
+    score.main(["--ckpt", str(on), "--positions", "16", "--seed", str(saved.seed), "--device", "cpu",
                   "--exact"])
     out = capsys.readouterr().out
     assert f"BrierLM {again['brierlm']:.3f}" in out and "exact Brier-1" in out
@@ -203,16 +219,16 @@ def test_bad_input_is_a_one_line_user_error(capsys):
         brierlm.two_sample_estimates(x, x, x, max_n=5)
     with pytest.raises(UserError, match="need"):
         brierlm.two_sample_estimates(x, x, x[:, :2])
-    with pytest.raises(UserError, match="sampler"):
-        brierlm.evaluate_objective(object(), {}, toy_data(COUNT), toy_args())
+    with pytest.raises(UserError, match="not a language model"):
+        objectives.brier_scores(None, objectives.AUTOENCODER, toy_data(COUNT), toy_args(), 8, 0)
     with pytest.raises(UserError, match="block_size"):
-        brierlm.evaluate_objective(None, {"draw": oracle_draw()}, toy_data(COUNT), toy_args(block_size=4))
+        evaluate(oracle_draw(toy_args()), toy_data(COUNT), toy_args(block_size=4))
     with pytest.raises(UserError, match="shorter"):
-        brierlm.evaluate_objective(None, {"draw": oracle_draw()}, toy_data(np.arange(10)), toy_args())
+        evaluate(oracle_draw(toy_args()), toy_data(np.arange(10)), toy_args())
     with pytest.raises(UserError, match="must return"):
-        brierlm.evaluate_objective(None, {"draw": lambda m, c, n, g, a: c[:, :n - 1]}, toy_data(COUNT), toy_args())
+        evaluate(lambda c, n, g: c[:, :n - 1], toy_data(COUNT), toy_args())
     with pytest.raises(SystemExit) as e:
-        brierlm.main(["--ckpt", "/nonexistent/ckpt.pt"])
+        score.main(["--ckpt", "/nonexistent/ckpt.pt"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
@@ -221,20 +237,21 @@ def test_bad_input_is_a_one_line_user_error(capsys):
 # ----------------------------------------------------------------------------- correlation helpers
 
 def test_pearson_and_spearman_against_numpy_and_by_hand():
+    import runtime
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=50), rng.normal(size=50)
-    assert abs(brierlm.pearson(a, b) - np.corrcoef(a, b)[0, 1]) < 1e-12
-    assert abs(brierlm.spearman(a, np.exp(a)) - 1.0) < 1e-12   # any increasing map: rank correlation 1
-    assert abs(brierlm.spearman(a, -a ** 3) + 1.0) < 1e-12
-    assert list(brierlm.ranks([10, 20, 20, 5])) == [2.0, 3.5, 3.5, 1.0]
+    assert abs(runtime.pearson(a, b) - np.corrcoef(a, b)[0, 1]) < 1e-12
+    assert abs(runtime.spearman(a, np.exp(a)) - 1.0) < 1e-12   # any increasing map: rank correlation 1
+    assert abs(runtime.spearman(a, -a ** 3) + 1.0) < 1e-12
+    assert list(runtime.ranks([10, 20, 20, 5])) == [2.0, 3.5, 3.5, 1.0]
     # by hand: ranks x = 1,2,3,4, y = 1,3,2,4 -> 1 - 6 * (0+1+1+0) / (4 * 15) = 0.8
-    assert abs(brierlm.spearman([1, 2, 3, 4], [1, 3, 2, 4]) - 0.8) < 1e-12
+    assert abs(runtime.spearman([1, 2, 3, 4], [1, 3, 2, 4]) - 0.8) < 1e-12
 
 
 def test_temperature_sweep_matches_the_models_own_loss_and_the_argmax_limit():
     model = peaked_gpt(256, scale=4.0)
     data = toy_data(np.random.default_rng(0).integers(0, 256, 4000))
-    sweep = brierlm.temperature_sweep(model, data, toy_args(), [0.002, 1.0], n_batches=2, batch_size=4, seed=0)
+    sweep = temperature_sweep(model, data, toy_args(), [0.002, 1.0], n_batches=2, batch_size=4, seed=0)
     gen = torch.Generator().manual_seed(0)
     batches = [data.get_batch("val", 4, 16, gen) for _ in range(2)]
     with torch.no_grad():

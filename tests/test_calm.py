@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 import calm
-import calm_heads
+import objectives
 import sample
 import train
-from gpt import GPTConfig, UserError
+import trainer
+from runtime import UserError
 from util import one_line_error
 
 TINY = ["--dataset", "shakespeare", "--tokenizer", "bytes", "--block_size", "64", "--batch_size", "16",
@@ -35,7 +36,7 @@ def closed_form_loss(m, s):
 def mc_loss(m, s, N, M, P, gen):
     x = m + s * torch.randn(N, P, 1, generator=gen, dtype=torch.float64)
     y = torch.randn(M, P, 1, generator=gen, dtype=torch.float64)
-    return calm_heads.energy_loss(x, y)  # (P,)
+    return calm.energy_loss(x, y)  # (P,)
 
 
 def test_energy_loss_is_unbiased_against_the_closed_form():
@@ -51,8 +52,8 @@ def test_energy_loss_matches_a_large_sample_estimate_in_several_dimensions():
     mu, P = torch.tensor([0.5, -1.0, 2.0]), 20_000
     x = lambda n, p: mu + 0.8 * torch.randn(n, p, 3, generator=gen, dtype=torch.float64)  # noqa: E731
     y = lambda n, p: torch.randn(n, p, 3, generator=gen, dtype=torch.float64)  # noqa: E731
-    small = calm_heads.energy_loss(x(2, P), y(1, P))  # 20k independent draws of the smallest estimator
-    large = calm_heads.energy_loss(x(3000, 1), y(3000, 1)).item()  # one estimate from 3000 + 3000 samples
+    small = calm.energy_loss(x(2, P), y(1, P))  # 20k independent draws of the smallest estimator
+    large = calm.energy_loss(x(3000, 1), y(3000, 1)).item()  # one estimate from 3000 + 3000 samples
     assert abs(small.mean().item() - large) < 4 * small.std().item() / math.sqrt(P)
 
 
@@ -96,7 +97,7 @@ def test_exact_temperature_sampler_gives_p_to_the_one_over_t(T):
     """1/T = 2, 3 (agreement alone), 1.43 and 2.5 (agreement + Bernoulli factory): p^(1/T) / Z by chi-square,
     and the same counts clearly reject p^floor(1/T), so the fractional step is doing its job."""
     gen = torch.Generator().manual_seed(round(100 * T))
-    draws = torch.stack([calm_heads.sample_exact(toy_draw(gen), T, gen) for _ in range(3000)]).flatten()
+    draws = torch.stack([calm.sample_exact(toy_draw(gen), T, gen) for _ in range(3000)]).flatten()
     assert chi_square_p(draws, tempered(T)) > 1e-3
     if 1 / T != round(1 / T):
         assert chi_square_p(draws, tempered(1 / math.floor(1 / T))) < 1e-6
@@ -106,7 +107,7 @@ def test_bernoulli_factory_flips_p_to_the_a():
     gen = torch.Generator().manual_seed(5)
     for p, a in ((0.3, 0.5), (0.8, 0.25), (0.05, 0.9)):
         coin = lambda: torch.rand((), generator=gen).item() < p  # noqa: E731
-        heads = torch.tensor([calm_heads.bernoulli_factory(coin, a, gen) for _ in range(20_000)]).double()
+        heads = torch.tensor([calm.bernoulli_factory(coin, a, gen) for _ in range(20_000)]).double()
         assert abs(heads.mean().item() - p ** a) < 4 * math.sqrt(p ** a * (1 - p ** a) / 20_000)
 
 
@@ -115,7 +116,7 @@ def test_batch_temperature_sampler_is_close_to_p_to_the_one_over_t(T):
     """The approximation with 200 candidates stays within total variation 0.03 of p^(1/T) / Z on the toy
     (measured 0.005 - 0.011 with 4000 draws, sampling noise included)."""
     gen = torch.Generator().manual_seed(4)
-    draws = torch.stack([calm_heads.sample_batch(toy_draw(gen), T, 200, gen) for _ in range(3000)]).flatten()
+    draws = torch.stack([calm.sample_batch(toy_draw(gen), T, 200, gen) for _ in range(3000)]).flatten()
     freq = torch.bincount(draws, minlength=len(P_TOY)).double() / len(draws)
     assert 0.5 * (freq - tempered(T)).abs().sum() < 0.03
 
@@ -123,7 +124,7 @@ def test_batch_temperature_sampler_is_close_to_p_to_the_one_over_t(T):
 @pytest.mark.parametrize("T", [0, -1, 1.5, None])
 def test_temperature_outside_zero_one_is_a_user_error(T):
     with pytest.raises(UserError, match="in \\(0, 1\\]"):
-        calm_heads.temperature_split(T)
+        calm.temperature_split(T)
 
 
 # ----------------------------------------------------------------------------- the generative heads on a 2-D toy
@@ -134,8 +135,9 @@ def fit_toy_head(kind, steps=300):
     torch.manual_seed(0)
     means = torch.tensor([[1.0, -1.0], [-2.0, 0.5]])
     chol = torch.tensor([[[0.5, 0.0], [0.3, 0.4]], [[0.3, 0.0], [-0.2, 0.6]]])
-    head = calm_heads.make_head(2, SimpleNamespace(head=kind, head_dim=64, latent_dim=2, head_layers=2, noise_size=8,
-                                                   flow_steps=10, diffusion_steps=50))
+    head = objectives.make_head(2, SimpleNamespace(head=kind, head_dim=64, latent_dim=2, head_layers=2, noise_size=8,
+                                                   num_samples=8, num_target_samples=8, alpha=1.0, flow_steps=10,
+                                                   diffusion_steps=50))
     opt = torch.optim.AdamW(head.parameters(), lr=2e-3)
     losses = []
     for _ in range(steps):
@@ -143,9 +145,9 @@ def fit_toy_head(kind, steps=300):
         h = F.one_hot(c, 2).float()
         z = means[c] + (chol[c] @ torch.randn(8, 64, 2, 1)).squeeze(-1)    # (8, 64, 2) target samples
         if kind == "energy":
-            loss = calm_heads.energy_loss(head(h, 8), z).mean()
+            loss = calm.energy_loss(head(h, 8), z).mean()
         else:
-            loss = head.loss(h, z).mean()
+            loss = head.regression_loss(h, z).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -169,16 +171,17 @@ def test_heads_learn_a_conditional_2d_gaussian(kind):
 # ----------------------------------------------------------------------------- the model
 
 def tiny_model(K=4, block_size=32, head="energy"):
-    args = SimpleNamespace(**{f.name: f.default for f in calm.fields(calm.CALMConfig)})
-    args.chunk_size, args.latent_dim, args.ae_dim, args.head = K, 8, 32, head
+    args, _ = trainer.parse_args(["--objective", "calm", "--chunk_size", str(K), "--latent_dim", "8", "--ae_dim", "32",
+                                  "--head", head, "--block_size", str(block_size), "--n_layer", "2", "--n_head", "2",
+                                  "--n_embd", "32"])
     torch.manual_seed(0)
-    return calm.CALM(GPTConfig(block_size=block_size, vocab_size=256, n_layer=2, n_head=2, n_embd=32), args), args
+    return objectives.calm_build(objectives.gpt_config(args, 256), args), args
 
 
 def test_the_head_gets_its_own_learning_rate():
     model, args = tiny_model()
     args.head_lr_scale, args.learning_rate, args.weight_decay, args.beta1, args.beta2 = 3.0, 1e-3, 0.1, 0.9, 0.95
-    groups = train.make_optimizer(model, args, "cpu").param_groups
+    groups = trainer.make_optimizer(model, objectives.CALM, args, "cpu").param_groups
     head = {id(p) for p in model.head.parameters()}
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
     for g in groups:
@@ -198,14 +201,14 @@ def test_generation_makes_k_tokens_per_backbone_step_and_respects_the_length():
     model.backbone.body = lambda x, *a, **k: calls.append(x.size(1)) or body(x, *a, **k)
     args = SimpleNamespace(max_new_tokens=10, temperature=1.0, temp_sampler="batch", temp_candidates=20)
     prompt = torch.randint(256, (1, 5))
-    out = calm.calm_generate(model, prompt, args, torch.Generator().manual_seed(0))
+    out = objectives.calm_generate(model, prompt, args, torch.Generator().manual_seed(0))
     assert out.shape == (1, 15) and torch.equal(out[:, :5], prompt)
     assert len(calls) == 3 and calls[1:] == [1, 1]  # ceil(10 / 4) steps; cached steps feed one chunk
     calls.clear()
     long = calm.generate_chunks(model, torch.randint(256, (2, 28)), 6, torch.Generator().manual_seed(0))
     assert long.shape == (2, 28 + 24) and len(calls) == 6  # the 8-chunk window fills and is re-encoded
     args.temperature = 0.5
-    assert calm.calm_generate(model, prompt, args, torch.Generator().manual_seed(0)).shape == (1, 15)
+    assert objectives.calm_generate(model, prompt, args, torch.Generator().manual_seed(0)).shape == (1, 15)
 
 
 def test_cached_chunk_steps_match_one_full_pass():
@@ -223,10 +226,10 @@ def test_cached_chunk_steps_match_one_full_pass():
 
 def test_draw_returns_the_requested_tokens():
     model, args = tiny_model()
-    out = calm.calm_draw(model.eval(), torch.randint(256, (3, 8)), 4, torch.Generator().manual_seed(0), args)
+    out = objectives.calm_draw(model.eval(), torch.randint(256, (3, 8)), 4, torch.Generator().manual_seed(0), args)
     assert out.shape == (3, 4)
     with pytest.raises(UserError):
-        calm.calm_draw(model, torch.randint(256, (3, 7)), 4, None, args)
+        objectives.calm_draw(model, torch.randint(256, (3, 7)), 4, None, args)
 
 
 # ----------------------------------------------------------------------------- end to end on Shakespeare
@@ -277,10 +280,10 @@ def test_a_short_run_of_the_recipe_beats_the_unigram_brier1(ae_ckpt, tmp_path):
     out = tmp_path / "calm"
     train.main(TINY[:-4] + ["--objective", "calm", "--autoencoder", str(ae_ckpt[0]), "--out_dir", str(out),
                             "--max_iters", "300", "--eval_interval", "300", "--brier_positions", "0"])
-    model, objective, args, _ = sample.load_model(str(out / "ckpt.pt"))
-    assert args.learning_rate == args.min_lr == calm.RECIPE["learning_rate"]  # the recipe: constant after warm-up
+    model, objective, args, _ = objectives.load_model(str(out / "ckpt.pt"))
+    assert args.learning_rate == args.min_lr == objectives.RECIPE["learning_rate"]  # the recipe: constant after warm-up
     data = load_data("shakespeare", "bytes")
-    est = brierlm.brier_eval(model, objective, data, args, 4096, seed=0)["sampled"][:, 0]
+    est = objectives.brier_scores(model, objective, data, args, 4096, 0)["sampled"][:, 0]
     q, q_val = (np.bincount(data.split(s), minlength=256) / len(data.split(s)) for s in ("train", "val"))
     unigram = 2 * (q * q_val).sum() - (q * q).sum()
     assert est.mean() - unigram > 4 * est.std(ddof=1) / np.sqrt(len(est)), (est.mean(), unigram)
@@ -322,9 +325,10 @@ def test_flow_and_diffusion_heads_train_score_and_sample(ae_ckpt, tmp_path, caps
                                  "--head", head, f"--{head}_steps", "3", "--max_iters", "3", "--eval_interval", "3",
                                  "--brier_positions", "8", "--n_layer", "1", "--n_embd", "32", "--n_head", "2"])
     assert math.isfinite(metrics["val_loss"]) and -1 <= metrics["brier1"] <= 1
+    capsys.readouterr()
     sample.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--prompt", "ROMEO:", "--max_new_tokens", "8",
                  "--temperature", "0.6"])
-    assert capsys.readouterr().out.splitlines()[-1].startswith("ROMEO:")
+    assert capsys.readouterr().out.startswith("ROMEO:")
 
 
 def test_k_not_dividing_block_size_is_a_one_line_error(tmp_path, capsys):
@@ -339,9 +343,9 @@ def test_calm_without_autoencoder_trains_one_then_reuses_it(tmp_path, capsys):
                     "--n_head", "2", "--overwrite"]
     train.main(flags)
     out = capsys.readouterr().out
-    assert "training the autoencoder (no --autoencoder given) first" in out and (tmp_path / "autoencoder" / "ckpt.pt").exists()
+    assert "training the autoencoder first" in out and (tmp_path / "autoencoder" / "ckpt.pt").exists()
     train.main(flags)
-    assert "reusing the autoencoder" in capsys.readouterr().out
+    assert "reusing the finished autoencoder" in capsys.readouterr().out
     sample.main(["--ckpt", str(tmp_path / "autoencoder" / "ckpt.pt"), "--prompt", "ROMEO:", "--temperature", "1"])
     assert len(capsys.readouterr().out) > 0  # an autoencoder "generates" its round trip of the prompt
 
@@ -350,8 +354,8 @@ def test_calm_loss_runs_on_a_plain_autoencoder_and_with_every_head():
     x = torch.randint(256, (2, 32))
     for variational, head in ((False, "energy"), (True, "mse"), (True, "flow"), (True, "diffusion")):
         model, args = tiny_model(head=head)
-        args.variational = variational
-        loss, _ = calm.calm_loss(model, x, None, args)
+        model.ae.cfg.variational = variational
+        loss = calm.calm_loss(model, x)
         assert loss.ndim == 0 and torch.isfinite(loss)
         loss.backward()
         assert all(p.grad is not None for p in model.head.parameters() if p.requires_grad)

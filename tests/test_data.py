@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import data
-from gpt import UserError
+from runtime import UserError
 
 TEXT = "ROMEO: But soft! What light through yonder window breaks?\n\tdef f(x): return x ** 2  # héllo 😀\n"
 

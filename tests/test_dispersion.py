@@ -1,7 +1,6 @@
 """Representation dispersion: the O(N d) metric against brute force and closed forms, the push-away objective
 against NTP, and the kNN-LM against its two limits."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +8,8 @@ import torch.nn.functional as F
 
 import dispersion as dp
 import train
-from gpt import GPT, GPTConfig, UserError
+from gpt import GPT, GPTConfig
+from runtime import UserError, correlation, load_checkpoint
 
 
 def brute_force(h):
@@ -26,8 +26,6 @@ def tiny(vocab=50, **kw):
     return GPT(GPTConfig(**cfg))
 
 
-def args_for(weight, scope="batch"):
-    return SimpleNamespace(dispersion_weight=weight, dispersion_scope=scope)
 
 
 # ----------------------------------------------------------------------------- the metric
@@ -100,9 +98,9 @@ def test_layer_profile_covers_every_sub_layer_and_matches_a_direct_computation()
 
 def test_correlation_against_known_cases():
     x = torch.arange(1.0, 11.0)
-    c = dp.correlation(x, x.exp())  # monotone but not linear
+    c = correlation(x, x.exp())  # monotone but not linear
     assert abs(c["spearman"] - 1) < 1e-12 and c["pearson"] < 0.9
-    assert abs(dp.correlation(x, -2 * x + 3)["pearson"] + 1) < 1e-12
+    assert abs(correlation(x, -2 * x + 3)["pearson"] + 1) < 1e-12
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -127,19 +125,19 @@ def test_a_gradient_step_on_the_auxiliary_loss_alone_increases_dispersion():
 def test_zero_weight_is_exactly_next_token_prediction(scope):
     x, y = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
     ntp = tiny()
-    loss_ntp, _ = train.ntp_loss(ntp, x, y, None)
+    loss_ntp = ntp(x, y)[1]
     loss_ntp.backward()
     disp = tiny()
-    loss_disp, logs = dp.dispersion_loss(disp, x, y, args_for(0.0, scope))
+    loss_disp, ce, aux = dp.dispersion_loss(disp, x, y, 0.0, scope)
     loss_disp.backward()
     assert torch.equal(loss_ntp, loss_disp)
     for (name, a), b in zip(ntp.named_parameters(), disp.parameters()):
         assert torch.equal(a.grad, b.grad), name
-    assert logs["aux"] < 0 and logs["ce"] == loss_ntp.item()
+    assert aux.item() < 0 and ce.item() == loss_ntp.item()
     # and a positive weight really changes the gradients, by exactly lambda * dL_aux
     lam = 0.5
     with_aux = tiny()
-    loss_aux, _ = dp.dispersion_loss(with_aux, x, y, args_for(lam, scope))
+    loss_aux, _, _ = dp.dispersion_loss(with_aux, x, y, lam, scope)
     loss_aux.backward()
     aux_only = tiny()
     dp.aux_loss(aux_only.body(aux_only.embed(x)), scope).backward()
@@ -160,7 +158,7 @@ def test_command_line_training_logs_both_terms_and_per_domain_metrics(tmp_path, 
                 "--log_interval", "2", "--sample_tokens", "0", "--brier_positions", "0", "--out_dir", str(out)])
     printed = capsys.readouterr().out
     assert "| ce " in printed and "| aux " in printed and "| disp_run " in printed
-    metrics = train.load_checkpoint(str(out / "ckpt.pt"))["metrics"]
+    metrics = load_checkpoint(str(out / "ckpt.pt"))["metrics"]
     for key in ("val_ppl", "val_disp", "val_ppl_a", "val_ppl_b", "val_disp_a", "val_disp_b"):
         assert key in metrics and math.isfinite(metrics[key]), key
     assert 0 < metrics["val_disp"] < 2
@@ -323,17 +321,16 @@ def test_cross_domain_loss_in_training_and_its_one_line_errors(tmp_path, capsys)
     ds = mixed_data(tmp_path)
     model = tiny(vocab=256)
     x, y = ds.get_batch("train", 4, 16, torch.Generator().manual_seed(1))
-    loss, logs = dp.dispersion_loss(model, x, y, args_for(0.5, "cross_domain"))
+    loss, _, _ = dp.dispersion_loss(model, x, y, 0.5, "cross_domain")
     h = model.body(model.embed(x))
     ce = F.cross_entropy(model.lm_head(h).flatten(0, 1), y.flatten())
     torch.testing.assert_close(loss, ce + 0.5 * -dp.between_domain_dispersion(h, x.domains))
     one, y1 = ds.get_batch("val:" + ds.domains[0], 4, 16)  # a batch of the mix holding one domain
     with pytest.raises(UserError, match="one domain only") as e:
-        dp.dispersion_loss(model, one, y1, args_for(0.5, "cross_domain"))
+        dp.dispersion_loss(model, one, y1, 0.5, "cross_domain")
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="domain labels"):
-        dp.dispersion_loss(model, torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8)),
-                           args_for(0.5, "cross_domain"))
+        dp.dispersion_loss(model, torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8)), 0.5, "cross_domain")
     base = ["--objective", "dispersion", "--dispersion_scope", "cross_domain", "--tokenizer", "bytes",
             "--block_size", "16", "--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--max_iters", "2",
             "--eval_iters", "1", "--sample_tokens", "0", "--brier_positions", "0", "--out_dir", str(tmp_path / "r")]
@@ -370,7 +367,7 @@ def test_layer_correlations_match_a_direct_computation():
         disp = torch.stack([brute_force(model.hidden_states(x[i:i + 1])["ffn_in"][1][0].double())
                             for x, _ in batches for i in range(8)])
     g = dp.perplexity_groups(ppl, 3, 5)
-    expected = dp.correlation(disp[g].mean(1), ppl[g].mean(1))["spearman"]
+    expected = correlation(disp[g].mean(1), ppl[g].mean(1))["spearman"]
     assert corr["ffn_in.1"] == pytest.approx(expected, abs=1e-6)
 
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import gpt
-from gpt import GPT, GPTConfig, KVCache, RotatePairs, UserError, apply_rope, rope_tables
+from gpt import GPT, GPTConfig, KVCache, RotatePairs, apply_rope, rope_tables
+from runtime import UserError
 
 CONFIGS = [dict(pos="rope"), dict(pos="learned"), dict(pos="rope", qk_norm=True)]
 

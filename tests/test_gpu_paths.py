@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import objectives
+import runtime
 import train
+import trainer
 from bench import core, gpu, table
 from util import one_line_error
 
@@ -23,18 +26,18 @@ TOY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "16"
                                               ("autoencoder", ["--chunk_size", "2"]), ("calm", ["--chunk_size", "2"])])
 def test_bf16_autocast_trains_every_objective(objective, extra):
     """What train.py does on CUDA (torch.autocast bf16), with the gpu preset's flags, on the CPU's autocast."""
-    args, obj = train.parse_args(["--objective", objective, "--preset", "gpu", "--device", "cpu", *TOY, *extra])
+    args, obj = trainer.parse_args(["--objective", objective, "--preset", "gpu", "--device", "cpu", *TOY, *extra])
     assert args.dropout == 0.2 and args.learning_rate == 6e-4  # the gpu preset's, not the defaults
     torch.manual_seed(0)
-    model = obj["build"](train.gpt_config(args, 256), args, None).train()
+    model = obj.build(objectives.gpt_config(args, 256), args).train()
     x, y = torch.randint(256, (2, 16)), torch.randint(256, (2, 16))
-    loss, _ = train.forward_backward(model, obj, x, y, args, 1.0, torch.autocast("cpu", dtype=torch.bfloat16))
+    loss, _ = trainer.forward_backward(model, obj, x, y, args, 1.0, torch.autocast("cpu", dtype=torch.bfloat16))
     assert math.isfinite(loss.item())
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         if objective not in ("autoencoder",):  # what the eval and sampling of a bf16 run call
-            out = obj["generate"](model.eval(), torch.zeros(1, 4, dtype=torch.long),
+            out = obj.generate(model.eval(), torch.zeros(1, 4, dtype=torch.long),
                                   argparse_like(args, max_new_tokens=4), torch.Generator().manual_seed(0))
             assert out.shape[1] >= 4
 
@@ -51,9 +54,9 @@ def test_gpu_preset_flags_train_end_to_end(tmp_path):
     argv = ["--preset", "gpu", "--device", "cpu", "--dataset", "shakespeare", "--tokenizer", "bytes", *TOY,
             "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1", "--log_interval", "1",
             "--brier_positions", "4", "--sample_tokens", "4", "--out_dir", str(tmp_path)]
-    metrics = train.run_quietly(argv)
+    metrics = trainer.run_quietly(argv)
     assert metrics["iter"] == 2 and math.isfinite(metrics["val_loss"])
-    saved = train.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    saved = runtime.load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert saved["args"]["dropout"] == 0.2 and saved["args"]["warmup_iters"] == 200 and saved["args"]["n_layer"] == 2
 
 

@@ -7,7 +7,6 @@ stands for. (Run `python -m pytest tests/test_exercises.py` after such a fix: it
 """
 import os
 import sys
-from types import SimpleNamespace
 
 
 def repository_root():
@@ -30,7 +29,6 @@ import torch  # noqa: E402
 
 import brierlm  # noqa: E402
 import calm  # noqa: E402
-import calm_heads  # noqa: E402
 import dispersion  # noqa: E402
 import gpt  # noqa: E402
 import mtp  # noqa: E402
@@ -102,8 +100,8 @@ def greedy_generate(model, idx, max_new_tokens, use_cache):
 # ----------------------------------------------------------------------------- CALM (calm.py)
 
 def energy_loss(x, y, alpha=1.0):
-    """Negative energy score per position: x (N, P, l) model samples, y (M, P, l) targets -> (P,): calm_heads.energy_loss."""
-    return calm_heads.energy_loss(x, y, alpha)
+    """Negative energy score per position: x (N, P, l) model samples, y (M, P, l) targets -> (P,): calm.energy_loss."""
+    return calm.energy_loss(x, y, alpha)
 
 
 def tiny_autoencoder(vocab_size=40, chunk_size=4, latent_dim=8, ae_dim=32, seed=0, kl_clip=0.5, kl_weight=1e-3):
@@ -126,15 +124,15 @@ def decode(ae, z):
 
 def autoencoder_loss(ae, tokens, args):
     """The autoencoder's training loss on tokens (B, T) in eval mode (z = mu: no sampling, dropout or masking):
-    calm.ae_loss(model, x, y, args)[0]."""
+    calm.ae_loss(model, x)[0] (the settings are the autoencoder's own, ae.cfg)."""
     assert not ae.training, "the deterministic reference needs the autoencoder in eval mode"
-    return calm.ae_loss(ae, tokens, None, args)[0]
+    return calm.ae_loss(ae, tokens)[0]
 
 
 def autoencoder_kl(ae, tokens, args):
     """The clipped KL term calm.ae_loss computes (and logs) on tokens (B, T), eval mode: calm.ae_loss(...)[1]['kl']."""
     assert not ae.training, "the deterministic reference needs the autoencoder in eval mode"
-    return calm.ae_loss(ae, tokens, None, args)[1]["kl"]
+    return calm.ae_loss(ae, tokens)[1]["kl"]
 
 
 # ----------------------------------------------------------------------------- BrierLM (brierlm.py)
@@ -202,8 +200,8 @@ def trunk_first_block(model):
 
 
 def mtp_efficient_backward(model, x, y):
-    """Gradients of L_n, head by head (fig. 2): mtp.mtp_forward_backward(..., mtp_naive=False); returns the loss."""
-    return float(mtp.mtp_forward_backward(model, x, y, SimpleNamespace(mtp_naive=False))[0])
+    """Gradients of L_n, head by head (fig. 2): mtp.forward_backward; returns the loss."""
+    return float(mtp.forward_backward(model, x, y)[0])
 
 
 def mtp_naive_loss(model, x, y):
@@ -257,9 +255,8 @@ def dispersion_of(h):
 
 def dispersion_objective(model, x, y, weight):
     """The training loss L_CE + weight * L_aux with one set of all B*T final states (scope 'batch'):
-    dispersion.dispersion_loss(model, x, y, args)[0]."""
-    args = SimpleNamespace(dispersion_weight=weight, dispersion_scope="batch")
-    return dispersion.dispersion_loss(model, x, y, args)[0]
+    dispersion.dispersion_loss(model, x, y, weight, 'batch')[0]."""
+    return dispersion.dispersion_loss(model, x, y, weight, "batch")[0]
 
 
 def final_hidden_and_logits(model, x):
