@@ -28,7 +28,7 @@ from data import load_data
 from objectives import load_model
 from runtime import OneLineParser, UserError, load_checkpoint, to_argv
 
-from bench import calm_experiments
+from bench import calm_experiments, records
 from bench.common import architecture
 from bench.flops import train_flops_per_token
 
@@ -225,21 +225,23 @@ def read_results(path):
         return json.load(f)
 
 
-def record(path, name, flags, point=None, post=None):
+def record(path, exp, name, flags, config, prov, point=None, post=None, fresh=False):
     """Add one point (or the post-training measurements) of run `name` to the results file (read-modify-write
-    under the lock, atomic replace)."""
+    under the lock, atomic replace). fresh: the run starts over (a record of other code or settings is dropped)."""
     with Locked(path):
         res = read_results(path)
-        run = res["runs"].setdefault(name, {"flags": flags, "points": []})
+        res.update(experiment=f"calm_{exp}", module=__name__, description=EXPERIMENTS[exp]["runs"].__doc__ or "")
+        if fresh:
+            res["runs"].pop(name, None)
+        run = res["runs"].setdefault(name, {"flags": flags, "config": config, "points": []})
+        run["provenance"] = records.finish(prov)
         if point is not None:
             run["points"] = sorted([p for p in run["points"] if p["iter"] != point["iter"]] + [point],
                                    key=lambda p: p["iter"])
         if post is not None:
             run["post"] = post
         res["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        with open(path + ".tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(path + ".tmp", path)
+        records.write_json(path, res)
 
 
 def autoencoder(K, work=WORK, ae_iters=None, latent_dim=None):
@@ -271,29 +273,44 @@ def score(ckpt, data, positions):
     return out, model, args
 
 
-def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WORK):
-    """Train run `name` through its points (resuming what exists), score each, then spec['post'] if any."""
+def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WORK, reuse_stale=False):
+    """Train run `name` through its points, score each, then spec['post'] if any. What exists is reused only if
+    the same code (records.code_hash) and settings made it: a finished record, or a checkpoint to resume; a
+    record of other code is trained afresh (reuse_stale: kept, and marked stale)."""
     path = os.path.join(results, f"calm_{exp}.json")
-    saved = read_results(path)["runs"].get(name, {})
-    done = {p["iter"]: p for p in saved.get("points", [])}
-    post = spec.get("post") and spec["post"](name, spec)
-    if set(done) >= set(points) and (post is None or "post" in saved):
-        return
     out_dir = os.path.join(work, exp, re.sub(r"[^\w.=-]+", "_", name))
     flags = dict(flags)
     if flags["objective"] == "calm" and "autoencoder" not in flags:
         flags["autoencoder"] = autoencoder(flags["chunk_size"], work, spec.get("ae_iters"), flags.get("latent_dim"))
     record_flags = {k: v for k, v in flags.items() if k != "autoencoder"}
-    ckpt = os.path.join(out_dir, "ckpt.pt")
-    at = load_checkpoint(ckpt)["iter"] if os.path.exists(ckpt) else 0
     base = dict(out_dir=out_dir, lr_decay_iters=max(points), eval_iters=2, brier_positions=0, sample_tokens=0,
                 log_interval=10 ** 9, **flags)
+    config = dict(record_flags, lr_decay_iters=max(points), positions=spec["positions"])
+    code, prov = records.code_hash([__name__]), records.provenance(config, [__name__])
+    saved = read_results(path)["runs"].get(name, {})
+    current = saved.get("provenance", {}).get("code") == code and records.same_config(saved.get("config"), config)
+    if saved and not current and reuse_stale and records.same_config(saved.get("config"), config):
+        with Locked(path):
+            res = read_results(path)
+            res["runs"][name]["stale"] = True
+            records.write_json(path, res)
+        return
+    fresh = not current
+    done = {} if fresh else {p["iter"]: p for p in saved.get("points", [])}
+    post = spec.get("post") and spec["post"](name, spec)
+    if set(done) >= set(points) and (post is None or "post" in saved):
+        return
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    at = load_checkpoint(ckpt)["iter"] if records.checkpoint_matches(out_dir, config, code) else 0
     seconds = done[at]["train_seconds"] if at in done else 0.0  # training time so far, across restarts
     for end in points:
         if end < at or (end == at and end in done):
             continue
         t = time.time()
         if end > at:
+            if not at:
+                os.makedirs(out_dir, exist_ok=True)
+                records.mark_checkpoint(out_dir, config, code)
             resume = ["--resume"] if at else ["--overwrite"]
             trainer.run_quietly(to_argv({**base, "max_iters": end, "eval_interval": end}) + resume)
             at = end
@@ -304,20 +321,38 @@ def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WOR
         point = dict(iter=end, train_flops=per_token * end * args.batch_size * args.block_size,
                      flops_per_token=per_token, train_seconds=seconds, val_loss=metrics.get("val_loss"),
                      threads=torch.get_num_threads(), **scores)
-        record(path, name, record_flags, point)
+        record(path, exp, name, record_flags, config, prov, point, fresh=fresh)
+        fresh = False
         log(f"{exp} | {name} | iter {end} | FLOPs {point['train_flops']:.2e} | Brier-1 {scores['brier1']:.3f} "
             f"± {scores['brier1_se']:.3f} | BrierLM {scores['brierlm']:.2f} | {seconds:.0f}s training")
-    if post is not None and "post" not in saved:
+    if post is not None and (fresh or "post" not in saved):
         if at != max(points):
             raise UserError(f"{name}: the checkpoint is at iteration {at}, not at the last point {max(points)}")
         t = time.time()
         model, _, args, _ = load_model(ckpt, "cpu")
         args.device = "cpu"
-        record(path, name, record_flags, post=post(model, args, data))
+        record(path, exp, name, record_flags, config, prov, post=post(model, args, data))
         log(f"{exp} | {name} | post-training measurements ({time.time() - t:.0f}s)")
 
 
-def run(exp, shard=(0, 1), only=None, dry=False, log=print, results=RESULTS, work=WORK):
+def rerun(experiment, run_id, rec, work):
+    """bench verify: the run again, from nothing (its autoencoder too), in `work`; returns its new record."""
+    exp = experiment.removeprefix("calm_")
+    spec = {k: v for k, v in EXPERIMENTS[exp].items() if k != "post"}  # the training and its scores, no extras
+    points = [p["iter"] for p in rec["points"]]
+    run_one(exp, run_id, rec["flags"], points, spec, load_data(rec["flags"]["dataset"], rec["flags"]["tokenizer"]),
+            print, results=work, work=work)
+    return read_results(os.path.join(work, f"calm_{exp}.json"))["runs"][run_id]
+
+
+def compared(rec):
+    """What bench verify compares: Brier-1..4 at every point, each with 3 standard errors of its estimate as the
+    noise allowed when the thread count differs."""
+    return {f"brier{n}@{p['iter']}": (p[f"brier{n}"], 3 * p[f"brier{n}_se"]) for p in rec["points"]
+            for n in range(1, 5)}
+
+
+def run(exp, shard=(0, 1), only=None, dry=False, log=print, results=RESULTS, work=WORK, reuse_stale=False):
     """Run (this shard of) an experiment; results go to <results>/calm_<exp>.json, checkpoints under <work>."""
     if exp not in EXPERIMENTS:
         raise UserError(f"unknown experiment {exp!r}: choose from {', '.join(EXPERIMENTS)}")
@@ -331,7 +366,7 @@ def run(exp, shard=(0, 1), only=None, dry=False, log=print, results=RESULTS, wor
     data = load_data(DATA["dataset"], DATA["tokenizer"])
     for name, flags, points in mine:
         try:
-            run_one(exp, name, flags, points, spec, data, log, results, work)
+            run_one(exp, name, flags, points, spec, data, log, results, work, reuse_stale)
         except UserError as e:  # say so and go on with the next run
             log(f"{exp} | {name} | failed: {e}")
 
@@ -343,6 +378,9 @@ def main(argv):
     p.add_argument("--shard", default="0/1", help="I/N: every N-th run starting at run I")
     p.add_argument("--only", default=None, help="only the runs whose name matches this regular expression")
     p.add_argument("--dry", action="store_true", help="print the runs, train nothing")
+    p.add_argument("--reuse_stale", action="store_true", help="keep finished runs of other code, marked stale")
+    p.add_argument("--results", default=RESULTS, help="folder of calm_<experiment>.json (default: results/)")
+    p.add_argument("--work", default=WORK, help="folder of the runs' checkpoints (default: out/calm_runs)")
     a = p.parse_args(argv)
     if a.command == "list" or a.experiment is None:
         for exp in EXPERIMENTS:
@@ -352,7 +390,8 @@ def main(argv):
     if not m or not int(m[1]) < int(m[2]):
         raise UserError(f"--shard must be I/N with 0 <= I < N, got {a.shard!r}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    run(a.experiment, (int(m[1]), int(m[2])), a.only, a.dry, log=lambda s: print(s, flush=True))
+    run(a.experiment, (int(m[1]), int(m[2])), a.only, a.dry, log=lambda s: print(s, flush=True),
+        results=a.results, work=a.work, reuse_stale=a.reuse_stale)
 
 
 if __name__ == "__main__":

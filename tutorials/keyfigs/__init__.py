@@ -87,3 +87,30 @@ def load(path):
 def caption(fn):
     """The first paragraph of a figure function's docstring, on one line."""
     return " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
+
+
+def provenance_line(data, current_code=None):
+    """One line to print under a stored figure: what made the runs of a results file (bench/records.py's format):
+    the experiment, commits, seeds, threads, hardware; and which runs are stale (made by code other than
+    current_code, the hash bench.records.code_hash gives now), legacy (recorded before provenance) or unverified."""
+    runs = data.get("runs", {}) if isinstance(data, dict) else {}
+    provs = [r.get("provenance", {}) for r in runs.values()] or [data.get("provenance", {})]
+    commits = sorted({p.get("commit", "?")[:7] for p in provs})
+    seeds = sorted({p.get("seed") for p in provs if p.get("seed") is not None})
+    threads = sorted({p.get("threads") for p in provs if p.get("threads") is not None})
+    hardware = sorted({p.get("hardware", "?") for p in provs})
+    legacy = [n for n, r in runs.items() if r.get("provenance", {}).get("legacy")]
+    verified = [n for n, r in runs.items() if any(v.get("agree") for v in r.get("verified", []))]
+    stale = [n for n, r in runs.items() if r.get("stale") or (current_code and r.get("provenance", {}).get("code")
+                                                             not in (None, current_code))]
+    parts = [f"{data.get('experiment', 'results')}: {len(runs) or 1} run(s)",
+             f"commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}",
+             f"seeds {', '.join(map(str, seeds))}" if seeds else None,
+             f"{'/'.join(map(str, threads))} thread(s)" if threads else None, "; ".join(hardware)]
+    if legacy:
+        parts.append(f"{len(legacy)} recorded before provenance (code unknown; {len(verified)} re-checked with "
+                     f"bench verify and agreeing)")
+    if stale:
+        parts.append(f"STALE: {len(stale)} made by other code than today's ({', '.join(stale[:3])}"
+                     f"{' ...' if len(stale) > 3 else ''})")
+    return "provenance: " + " | ".join(p for p in parts if p)

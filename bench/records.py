@@ -1,0 +1,257 @@
+"""What made every measured number: provenance for each run in results/*.json, reuse only of what the current code
+and configuration would produce again, and `python -m bench verify` to re-check any run in one command.
+
+A results file is one experiment: {"experiment": name, "description": ..., "runs": {run_id: record}}, where a
+record is {"config": the full configuration (flags, seed), "metrics": ..., "provenance": {...}[, "verified": [..]]}.
+(A file that is one measurement, e.g. a benchmark table, carries "provenance" at its top level instead.)
+
+  provenance(config, modules)  commit and whether the tree's code was dirty, a hash of the repository source the
+                               run executes (the modules it imports, transitively), the configuration and seed,
+                               torch version, threads, device, the machine's hardware string, start time
+  Results                      one results file: .reusable(run_id, config, code) gives a finished record only when
+                               its code hash and configuration match (a record of other code is trained afresh;
+                               reuse_stale=True keeps it but marks it "stale"); .add(run_id, record) writes it
+  checkpoint_matches           the same rule for a run's checkpoint folder (its provenance.json)
+  verify(path, run_id)         re-run one run in a temporary folder at the current code and compare: exactly when
+                               the run is deterministic on the same thread count, else within its stated noise
+
+Numbers that depend on the thread count: float sums in matrix products are split across threads, so a run on 2
+threads is not bit-identical to the same run on 1 thread (training curves drift apart within the seeds' noise);
+with the thread count of the record, CPU training here is deterministic and verify expects exact agreement.
+Timings (tokens/s, speed-ups) are never exact: verify compares them within the stated noise, if at all.
+"""
+import ast
+import hashlib
+import importlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+
+import torch
+
+from runtime import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "results")
+FIELDS = ("commit", "dirty", "code", "config", "torch", "threads", "device", "hardware", "started", "wall_seconds")
+
+
+# ----------------------------------------------------------------------------- what made a run
+
+def git(*argv):
+    try:
+        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def commit():
+    """(HEAD commit, whether any tracked or new .py file differs from it): the code, not results/ or notebooks."""
+    head = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
+    dirty = bool(git("status", "--porcelain", "--", "*.py"))
+    return head, dirty
+
+
+def module_file(name):
+    """The repository file of a module name ('bench.table', 'calm'), or None for anything else."""
+    path = os.path.join(ROOT, *name.split(".")) + ".py"
+    if os.path.isfile(path):
+        return path
+    package = os.path.join(ROOT, *name.split("."), "__init__.py")
+    return package if os.path.isfile(package) else None
+
+
+def imported_modules(names):
+    """The repository modules `names` import, transitively, themselves included (read from the source: every
+    import statement, at the top or inside a function)."""
+    seen, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        path = module_file(name)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                todo += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        if "." in name:
+            todo.append(name.rsplit(".", 1)[0])  # a submodule runs its package's __init__ too
+    return sorted(seen)
+
+
+def code_hash(modules):
+    """sha256 of the source (path and content) of every repository module the given ones import, transitively:
+    the code a run executes. Two runs with equal hashes ran the same code."""
+    h = hashlib.sha256()
+    for name in imported_modules(modules):
+        path = module_file(name)
+        h.update(os.path.relpath(path, ROOT).encode() + b"\0")
+        with open(path, "rb") as f:
+            h.update(f.read() + b"\0")
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def hardware(device="cpu"):
+    """Read from the machine: architecture, CPU model, cores, memory, and the GPU when one is used."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    memory = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
+        memory = f", {kib / 2 ** 20:.0f} GiB"
+    except (OSError, StopIteration):
+        pass
+    gpu = f"; GPU {torch.cuda.get_device_name(device)}" if str(device).startswith("cuda") else "; no GPU used"
+    return f"{platform.machine()} {model}, {os.cpu_count()} cores{memory}{gpu}"
+
+
+def provenance(config, modules, device="cpu"):
+    """What is about to make a run (call it before training; finish() adds the wall time)."""
+    head, dirty = commit()
+    return dict(commit=head, dirty=dirty, code=code_hash(modules), modules=imported_modules(modules),
+                config=config, seed=config.get("seed") if isinstance(config, dict) else None,
+                torch=torch.__version__, threads=torch.get_num_threads(), device=str(device),
+                hardware=hardware(device), started=time.strftime("%Y-%m-%d %H:%M:%S"), t0=time.time())
+
+
+def finish(prov):
+    """The provenance with the run's wall time, ready to store."""
+    prov = dict(prov)
+    prov["wall_seconds"] = round(time.time() - prov.pop("t0", time.time()), 1)
+    return prov
+
+
+# ----------------------------------------------------------------------------- results files
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        raise UserError(f"no results file at {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a readable results file ({type(e).__name__})") from None
+
+
+def same_config(a, b):
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+class Results:
+    """One experiment's results file: {"experiment", "description", "module", "runs": {run_id: record}}, rewritten
+    atomically after every run, so a cut sweep keeps what it finished."""
+
+    def __init__(self, path, experiment, module, description=""):
+        self.path = path
+        self.data = dict(experiment=experiment, module=module, description=description, runs={})
+        if os.path.exists(path):
+            old = read_json(path)
+            self.data["runs"] = old.get("runs", {})
+
+    def reusable(self, run_id, config, code, reuse_stale=False):
+        """The finished record of run_id if the current code (hash) and this configuration would make it again;
+        else None (train it afresh). reuse_stale: keep a record of other code, marked "stale": true."""
+        rec = self.data["runs"].get(run_id)
+        if rec is None or not same_config(rec.get("config"), config):
+            return None
+        if rec.get("provenance", {}).get("code") == code:
+            return rec
+        if reuse_stale:
+            rec["stale"] = True
+            self.save()
+            return rec
+        return None
+
+    def add(self, run_id, record):
+        missing = [k for k in ("config", "provenance") if k not in record]
+        if missing:
+            raise ValueError(f"a run record needs {missing}")
+        self.data["runs"][run_id] = record
+        self.save()
+
+    def save(self):
+        write_json(self.path, self.data)
+
+
+def checkpoint_matches(out_dir, config, code):
+    """Whether the checkpoint in out_dir may be resumed: its provenance.json says the same code and configuration
+    made it. Call mark_checkpoint(out_dir, ...) before training into a folder."""
+    path = os.path.join(out_dir, "provenance.json")
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(out_dir, "ckpt.pt")):
+        return False
+    with open(path) as f:
+        made = json.load(f)
+    return made.get("code") == code and same_config(made.get("config"), config)
+
+
+def mark_checkpoint(out_dir, config, code):
+    write_json(os.path.join(out_dir, "provenance.json"), dict(config=config, code=code))
+
+
+# ----------------------------------------------------------------------------- re-checking a run
+
+def verify(path, run_id, work=None, record=False, log=print):
+    """Re-run one run of a results file at the current code (its experiment's module does the work) and compare
+    every number it names with the committed one. Returns True when they agree."""
+    data = read_json(path)
+    if "runs" not in data or "module" not in data:
+        raise UserError(f"{path} has no runs with provenance (it predates `bench verify` or is not a sweep)")
+    if run_id not in data["runs"]:
+        known = ", ".join(list(data["runs"])[:8]) + (" ..." if len(data["runs"]) > 8 else "")
+        raise UserError(f"{path} has no run {run_id!r} (it has {known})")
+    rec = data["runs"][run_id]
+    if "provenance" not in rec:
+        raise UserError(f"run {run_id!r} of {path} has no provenance: regenerate it")
+    module = importlib.import_module(data["module"])
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        new = module.rerun(data["experiment"], run_id, rec, tmp)
+    exact = rec["provenance"].get("threads") == torch.get_num_threads() and \
+        rec["provenance"].get("device", "cpu") == "cpu"
+    rows, agree = [], True
+    for key, (old, noise) in module.compared(rec).items():
+        got = module.compared(new)[key][0]
+        ok = got == old if exact else abs(got - old) <= max(noise, 1e-12)
+        agree &= ok
+        rows.append((key, old, got, noise, ok))
+    log(f"{path} :: {run_id} (made at {rec['provenance']['commit'][:10]}, {rec['provenance'].get('threads')} "
+        f"thread(s); now {torch.get_num_threads()} thread(s): {'exact' if exact else 'within the noise'})")
+    for key, old, got, noise, ok in rows:
+        log(f"  {key}: committed {old:.6g} | now {got:.6g} | noise {noise:.3g} | {'agree' if ok else 'DIFFER'}")
+    log("agree" if agree else "differ")
+    if record:
+        head, dirty = commit()
+        rec.setdefault("verified", []).append(dict(commit=head, dirty=dirty, code=code_hash([data["module"]]),
+                                                   threads=torch.get_num_threads(), agree=agree,
+                                                   date=time.strftime("%Y-%m-%d %H:%M:%S")))
+        write_json(path, data)
+    return agree
+
+
+def main(argv=None):
+    """python -m bench verify results/<file>.json <run-id> [--record]"""
+    from runtime import OneLineParser
+    p = OneLineParser(prog="python -m bench verify", description=__doc__.splitlines()[0])
+    p.add_argument("path")
+    p.add_argument("run_id")
+    p.add_argument("--record", action="store_true", help="add the outcome to the run's 'verified' list")
+    a = p.parse_args(argv)
+    if not verify(a.path, a.run_id, record=a.record):
+        raise SystemExit(1)
