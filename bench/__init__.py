@@ -7,6 +7,7 @@
     python -m bench gpu [--only ...] [--dry_run]       every gpu-scale measurement and notebook, one CUDA GPU
     python -m bench dispersion sweep|arithmetic|layers_knn   the dispersion tutorial's runs (results/dispersion_*.json)
     python -m bench calm run|list [EXPERIMENT]         CALM's recipe sweep, curves and head comparison (calm_runs.py)
+    python -m bench brierlm [--scale cpu]              the BrierLM tutorial's study (results/brierlm_<scale>.json)
     python -m bench verify results/<file>.json RUN-ID  re-run one recorded run at the current code and compare
 
 bench/flops.py holds the one training-FLOPs formula every comparison uses: bench.train_flops_per_token.

@@ -1,11 +1,12 @@
-"""python -m bench <table|core|mtp|calm|dispersion|gpu|verify> [flags]: one entry point for every benchmark (see bench/__init__.py)."""
+"""python -m bench <table|core|mtp|calm|dispersion|brierlm|gpu|verify> [flags]: one entry point for every benchmark (see bench/__init__.py)."""
 import importlib
 import sys
 
 from runtime import UserError
 
 COMMANDS = {"table": "bench.table", "core": "bench.core", "mtp": "bench.mtp_bench", "calm": "bench.calm_bench",
-            "dispersion": "bench.dispersion_experiments", "gpu": "bench.gpu", "verify": "bench.records"}
+            "dispersion": "bench.dispersion_experiments", "gpu": "bench.gpu", "verify": "bench.records",
+            "brierlm": "bench.brierlm_experiments"}
 
 
 def main(argv=None):

@@ -212,15 +212,16 @@ def verify(path, run_id, work=None, record=False, log=print):
     """Re-run one run of a results file at the current code (its experiment's module does the work) and compare
     every number it names with the committed one. Returns True when they agree."""
     data = read_json(path)
-    if "runs" not in data or "module" not in data:
-        raise UserError(f"{path} has no runs with provenance (it predates `bench verify` or is not a sweep)")
-    if run_id not in data["runs"]:
-        known = ", ".join(list(data["runs"])[:8]) + (" ..." if len(data["runs"]) > 8 else "")
+    if "module" not in data:
+        raise UserError(f"{path} names no experiment module: it predates provenance (regenerate it)")
+    module = importlib.import_module(data["module"])
+    runs = module.runs_of(data) if hasattr(module, "runs_of") else data.get("runs", {})
+    if run_id not in runs:
+        known = ", ".join(list(runs)[:8]) + (" ..." if len(runs) > 8 else "")
         raise UserError(f"{path} has no run {run_id!r} (it has {known})")
-    rec = data["runs"][run_id]
+    rec = runs[run_id]
     if "provenance" not in rec:
         raise UserError(f"run {run_id!r} of {path} has no provenance: regenerate it")
-    module = importlib.import_module(data["module"])
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         new = module.rerun(data["experiment"], run_id, rec, tmp)
     exact = rec["provenance"].get("threads") == torch.get_num_threads() and \

@@ -37,13 +37,13 @@ Training FLOPs per token: bench/flops.py.
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 import brierlm
@@ -61,11 +61,14 @@ from objectives import load_model
 from bench import core
 from bench.flops import ae_flops_per_token, calm_flops_parts, train_flops_per_token
 from bench.mtp_bench import rss_kib
+from bench import records
 from bench.common import architecture, sync
 
 PRESETS = {
     "tiny": dict(model=dict(n_layer=4, n_head=2, n_embd=32, block_size=32), batch_size=8, ntp_iters=30, stages=2,
                  ae_iters=60, brier_positions=32, eval_batches=2, timing_steps=3, core=False),
+    "live": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128), batch_size=16, ntp_iters=150, stages=2,
+                 ae_iters=300, brier_positions=512, eval_batches=4, timing_steps=3, core=False),  # overview.ipynb
     "cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128), batch_size=16, ntp_iters=1200, stages=4,
                 ae_iters=1000, brier_positions=2048, eval_batches=10, timing_steps=8, core=True),
     "gpu": dict(model=dict(n_layer=8, n_head=8, n_embd=512, block_size=256), batch_size=64, ntp_iters=3000, stages=6,
@@ -315,12 +318,6 @@ def render(rows):
     return "\n".join(" | ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in table)
 
 
-def hardware(device):
-    if str(device).startswith("cuda"):
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
 def write_results(report, out, name):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"{name}.json"), "w") as f:
@@ -343,6 +340,8 @@ def run(preset="tiny", out="results", device="auto", core=None, rows=ROWS, work=
     p = PRESETS[preset]
     core = p["core"] if core is None else core
     t0 = time.time()
+    prov = records.provenance(dict(preset=preset, rows=[label for label, _, _ in rows], core=bool(core)),
+                              [__name__], device)
     data = load_data("shakespeare", "bytes")
     results, all_flags, ae_paths = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -354,6 +353,7 @@ def run(preset="tiny", out="results", device="auto", core=None, rows=ROWS, work=
             except Exception as e:  # noqa: BLE001 (the table says so; the other rows still run)
                 msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
                 row = {"objective": label, "status": f"failed: {msg}"[:200], **{c: "failed" for c in COLUMNS[2:]}}
+            row["config"] = dict(preset=preset, row=label, objective=name, **extra)
             results.append(row)
             log(f"{label}: {row['status']} ({time.time() - t:.0f}s)")
     mem = memory_table(all_flags, device) if all_flags else {}
@@ -368,9 +368,15 @@ def run(preset="tiny", out="results", device="auto", core=None, rows=ROWS, work=
             core_rows.append(dict(compile=c, device=device, tok_s=f"failed: {type(e).__name__}", mfu="failed"))
     memory = ("torch.cuda.max_memory_allocated of one training step" if cuda else
               "peak resident set of one training step minus the process before the model (CPU)")
-    report = dict(preset=preset, protocol=p, device=device, hardware=hardware(device), memory=memory,
-                  seconds=time.time() - t0, command=f"python -m bench table --preset {preset}", rows=results,
-                  core=core_rows, core_gpu=None if cuda else NOT_MEASURED)
+    prov = records.finish(prov)
+    for row in results:
+        row["provenance"] = dict(prov, config=row["config"])
+    baselines = dict(unigram_brier1=unigram_brier1(data),
+                     note="what a model that knows only the train split's byte frequencies scores on val, exactly")
+    report = dict(experiment=f"bench_{preset}", module=__name__, baselines=baselines, description=__doc__.split("\n\n")[0],
+                  preset=preset, protocol=p, device=device, hardware=prov["hardware"], memory=memory,
+                  seconds=time.time() - t0, command=f"python -m bench table --preset {preset}", provenance=prov,
+                  rows=results, core=core_rows, core_gpu=None if cuda else NOT_MEASURED)
     log(f"{preset} preset on {report['hardware']}; memory: {memory}")
     log(render(results))
     for c in core_rows:
@@ -382,6 +388,36 @@ def run(preset="tiny", out="results", device="auto", core=None, rows=ROWS, work=
         write_results(report, out, name)
         log(f"wrote {out}/{name}.json and .csv ({time.time() - t0:.0f}s)")
     return report
+
+
+def unigram_brier1(data):
+    """Brier-1 of the unigram model q (the train split's token frequencies) on the val split, exactly:
+    E_y[2 q(y) - sum_x q(x)^2] = 2 sum_x q(x) q_val(x) - sum_x q(x)^2."""
+    q, q_val = (np.bincount(data.split(s), minlength=data.vocab_size) / len(data.split(s)) for s in ("train", "val"))
+    return float(2 * (q * q_val).sum() - (q * q).sum())
+
+
+def runs_of(report):
+    """bench verify: the table's rows by their label."""
+    return {row["objective"]: row for row in report["rows"]}
+
+
+def rerun(experiment, run_id, row, work):
+    """bench verify: one row of the table again, at the preset it was made with, in `work`."""
+    spec = next((r for r in ROWS if r[0] == run_id), None)
+    if spec is None:
+        raise UserError(f"{run_id!r} is not a row of today's table ({', '.join(r[0] for r in ROWS)})")
+    report = run(row["config"]["preset"], out=None, device="cpu", core=False, rows=[spec], work=work)
+    return report["rows"][0]
+
+
+def compared(row):
+    """What bench verify compares: the quality columns (timings and memory vary with the machine's load)."""
+    se = row["brierlm_se"] if isinstance(row.get("brierlm_se"), float) else 1.0
+    out = {"brier1": (row["brier1"], 0.05), "brierlm": (row["brierlm"], 3 * se)}
+    if isinstance(row.get("val_ce"), float):
+        out["val_ce"] = (row["val_ce"], 0.02)
+    return out
 
 
 def main(argv=None):

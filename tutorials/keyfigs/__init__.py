@@ -99,8 +99,9 @@ def provenance_line(data, current_code=None):
     seeds = sorted({p.get("seed") for p in provs if p.get("seed") is not None})
     threads = sorted({p.get("threads") for p in provs if p.get("threads") is not None})
     hardware = sorted({p.get("hardware", "?") for p in provs})
-    legacy = [n for n, r in runs.items() if r.get("provenance", {}).get("legacy")]
-    verified = [n for n, r in runs.items() if any(v.get("agree") for v in r.get("verified", []))]
+    records = runs or {"the run": data}
+    legacy = [n for n, r in records.items() if r.get("provenance", {}).get("legacy")]
+    verified = [n for n, r in records.items() if any(v.get("agree") for v in r.get("verified", []))]
     stale = [n for n, r in runs.items() if r.get("stale") or (current_code and r.get("provenance", {}).get("code")
                                                              not in (None, current_code))]
     parts = [f"{data.get('experiment', 'results')}: {len(runs) or 1} run(s)",

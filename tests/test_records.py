@@ -1,0 +1,111 @@
+"""Every result says what made it, a sweep reuses only what today's code and settings would make again, and
+`python -m bench verify` re-checks a run (bench/records.py)."""
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import trainer
+from bench import calm_runs, records
+from util import one_line_error
+
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = ("commit", "dirty", "code", "config", "torch", "threads", "device", "hardware", "wall_seconds")
+
+
+def run_records(data):
+    """The run records of a results file: its runs, a table's rows, or the file itself (one measurement)."""
+    if isinstance(data.get("runs"), dict) and data["runs"]:
+        return data["runs"]
+    if isinstance(data.get("rows"), list) and data["rows"] and isinstance(data["rows"][0], dict):
+        return {str(i): r for i, r in enumerate(data["rows"])}
+    return {"the file": data}
+
+
+def commit_exists(commit):
+    return subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT, capture_output=True).returncode == 0
+
+
+def test_every_result_records_what_made_it():
+    files = sorted((ROOT / "results").glob("*.json"))
+    assert files
+    for path in files:
+        data = json.loads(path.read_text())
+        for name, rec in run_records(data).items():
+            prov = rec.get("provenance")
+            assert prov is not None, f"{path.name}: {name} has no provenance"
+            missing = [f for f in FIELDS if f not in prov]
+            assert not missing, f"{path.name}: {name} lacks {missing}"
+            assert commit_exists(prov["commit"]), f"{path.name}: {name}: commit {prov['commit']} is not in the history"
+            assert prov["code"] is not None or prov.get("legacy"), f"{path.name}: {name}: no code hash, not legacy"
+
+
+def test_the_code_hash_follows_the_imported_source(tmp_path, monkeypatch):
+    assert "calm" in records.imported_modules(["bench.calm_runs"])  # transitively, through objectives
+    assert "score" not in records.imported_modules(["bench.calm_runs"])
+    before = records.code_hash(["bench.calm_runs"])
+    assert before == records.code_hash(["bench.calm_runs"]) and before != records.code_hash(["bench.table"])
+    fake = tmp_path / "calm.py"  # the same module name with other content: another hash
+    fake.write_text((ROOT / "calm.py").read_text() + "\n# changed\n")
+    real = records.module_file
+    monkeypatch.setattr(records, "module_file", lambda name: str(fake) if name == "calm" else real(name))
+    assert records.code_hash(["bench.calm_runs"]) != before
+
+
+def smoke_run(tmp_path, reuse_stale=False):
+    calm_runs.run("smoke_curves", only=r"calm K=4 seed 0", log=lambda *a: None, results=str(tmp_path / "r"),
+                  work=str(tmp_path / "w"), reuse_stale=reuse_stale)
+    return json.loads((tmp_path / "r" / "calm_smoke_curves.json").read_text())
+
+
+def test_a_sweep_reuses_only_runs_of_the_same_code(tmp_path, monkeypatch):
+    first = smoke_run(tmp_path)["runs"]["calm K=4 seed 0"]
+    assert first["provenance"]["code"] == records.code_hash(["bench.calm_runs"])
+    calls = []
+    real = trainer.run_quietly
+    monkeypatch.setattr(trainer, "run_quietly", lambda flags: calls.append(flags) or real(flags))
+    again = smoke_run(tmp_path)["runs"]["calm K=4 seed 0"]
+    assert calls == [] and again == first  # the same code and settings: reused, nothing trained
+    path = tmp_path / "r" / "calm_smoke_curves.json"
+    data = json.loads(path.read_text())  # a record made by other code
+    data["runs"]["calm K=4 seed 0"]["provenance"]["code"] = "sha256:other"
+    path.write_text(json.dumps(data))
+    records.write_json(str(tmp_path / "w" / "smoke_curves" / "calm_K=4_seed_0" / "provenance.json"),
+                       dict(config=first["config"], code="sha256:other"))  # and its checkpoint too
+    kept = smoke_run(tmp_path, reuse_stale=True)["runs"]["calm K=4 seed 0"]
+    assert calls == [] and kept["stale"] is True  # reuse_stale keeps it, marked
+    fresh = smoke_run(tmp_path)["runs"]["calm K=4 seed 0"]
+    assert calls and all("--overwrite" in f for f in calls[:1])  # trained afresh, not resumed from the checkpoint
+    assert fresh["provenance"]["code"] == records.code_hash(["bench.calm_runs"]) and "stale" not in fresh
+    assert [p["brier1"] for p in fresh["points"]] == [p["brier1"] for p in first["points"]]  # seeded: the same
+
+
+def test_verify_agrees_on_a_deterministic_run_and_catches_a_changed_number(tmp_path):
+    smoke_run(tmp_path)
+    path = tmp_path / "r" / "calm_smoke_curves.json"
+    lines = []
+    assert records.verify(str(path), "calm K=4 seed 0", log=lines.append)
+    assert "exact" in lines[0] and lines[-1] == "agree"
+    data = json.loads(path.read_text())
+    data["runs"]["calm K=4 seed 0"]["points"][-1]["brier1"] += 0.25
+    path.write_text(json.dumps(data))
+    lines.clear()
+    assert not records.verify(str(path), "calm K=4 seed 0", record=True, log=lines.append)
+    assert lines[-1] == "differ" and any("DIFFER" in line for line in lines)
+    outcome = json.loads(path.read_text())["runs"]["calm K=4 seed 0"]["verified"][-1]
+    assert outcome["agree"] is False and commit_exists(outcome["commit"])
+
+
+def test_verify_bad_input_is_one_line(tmp_path, capsys):
+    import bench.__main__ as cli
+    no_prov = tmp_path / "old.json"
+    no_prov.write_text(json.dumps({"runs": {"a": {"points": []}}}))
+    smoke = tmp_path / "s.json"
+    smoke.write_text(json.dumps({"experiment": "calm_smoke_curves", "module": "bench.calm_runs",
+                                 "runs": {"a": {"points": []}}}))
+    for argv, words in ((["verify", str(tmp_path / "missing.json"), "x"], "no results file"),
+                        (["verify", str(no_prov), "a"], "predates provenance"),
+                        (["verify", str(smoke), "b"], "has no run 'b'"),
+                        (["verify", str(smoke), "a"], "has no provenance")):
+        assert words in one_line_error(capsys, cli.main, argv)
