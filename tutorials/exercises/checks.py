@@ -390,7 +390,7 @@ def energy_loss(student):
             with case(label):
                 x, y = randn(N, P, l, seed=n, dtype=dtype), randn(M, P, l, seed=n + 10, dtype=dtype)
                 args = dict(x=x, y=y, alpha=alpha)
-                same_function(student, ref.energy_loss, args, "vs calm_heads.energy_loss", grad=("x",))
+                same_function(student, ref.energy_loss, args, "vs calm.energy_loss", grad=("x",))
                 same(call(student, x, y, alpha), energy_definition(x.double(), y.double(), alpha),
                      "vs the definition (double sums)", atol=1e-4, dtype=None)
         with case("two model samples identical (distance 0: the gradient must stay finite)"):
@@ -398,7 +398,7 @@ def energy_loss(student):
             x[1] = x[0]
             try:
                 same_function(student, ref.energy_loss, dict(x=x, y=randn(6, 3, 2, seed=6), alpha=1.0),
-                              "vs calm_heads.energy_loss", grad=("x",))
+                              "vs calm.energy_loss", grad=("x",))
             except Mismatch as e:
                 if "value differs" in str(e) or "gradient" in str(e):
                     raise Mismatch(f"{e}. Here ||x_0 - x_1|| = 0 is a pair n != n': if you clamp, clamp the "
@@ -415,7 +415,7 @@ def energy_loss(student):
             if min(scores, key=scores.get) != "target":
                 raise Mismatch("the loss is not minimised by the target distribution: " +
                                ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-        return f"{len(cases) + 1} cases match calm_heads.energy_loss (values, gradients) and the double-sum definition; " \
+        return f"{len(cases) + 1} cases match calm.energy_loss (values, gradients) and the double-sum definition; " \
                "the target distribution scores best"
     return run("4.1", "energy_loss", body)
 

@@ -10,6 +10,13 @@ def ok_rows(report):
     return [r for r in report["rows"] if r["status"] == "ok"]
 
 
+def pretty(label):
+    """A table row's label for a slide: 'mtp n=2' -> 'MTP n = 2', 'dispersion l=0.1' -> 'dispersion λ = 0.1'."""
+    name, _, setting = label.partition(" ")
+    name = {"ntp": "NTP", "mtp": "MTP", "calm": "CALM"}.get(name, name)
+    return f"{name} {setting.replace('l=', 'λ = ').replace('=', ' = ').replace('  ', ' ')}".strip()
+
+
 def brierlm_vs_flops(report):
     """Every objective on one training-FLOPs budget (same data and backbone): BrierLM (left, ± 1 s.e.) and Brier-1
     (right) after each quarter of each run, against the training FLOPs spent. CALM dashed."""
@@ -19,8 +26,8 @@ def brierlm_vs_flops(report):
         style = "--" if r["objective"].startswith("calm") else "-"
         se = [p["brierlm_se"] if isinstance(p.get("brierlm_se"), (int, float)) else 0.0 for p in r["curve"]]
         axes[0].errorbar(xs, [p["brierlm"] for p in r["curve"]], yerr=se, marker="o", ls=style, capsize=3,
-                         label=r["objective"])
-        axes[1].plot(xs, [p["brier1"] for p in r["curve"]], marker="o", ls=style, label=r["objective"])
+                         label=pretty(r["objective"]))
+        axes[1].plot(xs, [p["brier1"] for p in r["curve"]], marker="o", ls=style, label=pretty(r["objective"]))
     axes[0].axhline(0, color="gray", ls=":", label="no skill (BrierLM 0)")
     unigram = report.get("baselines", {}).get("unigram_brier1")
     if unigram is not None:  # a model that knows only byte frequencies, computed exactly from the splits
@@ -47,7 +54,7 @@ def speed_vs_quality(report):
     for r in ok_rows(report):
         for ax, key in ((axes[0], "gen_tok_s"), (axes[1], "fwd_per_tok")):
             ax.scatter(r["brierlm"], r[key], s=60)
-            ax.annotate(r["objective"], (r["brierlm"], r[key]), textcoords="offset points", xytext=(5, 4))
+            ax.annotate(pretty(r["objective"]), (r["brierlm"], r[key]), textcoords="offset points", xytext=(5, 4))
     axes[0].set_ylabel("generated tokens / s (batch 1)")
     axes[1].set_ylabel("backbone forward passes per token")
     for ax in axes:

@@ -11,7 +11,7 @@
 # the repository's on random inputs and edge cases and prints one line: `PASS ...`, or `FAIL ...` followed by what
 # differs (the shape, the dtype, a value, a gradient, or how it was computed) and in which case. A check never
 # stops the notebook, so *Run all* works at any time. Each notebook ends with questions to answer in words.
-# Read `gpt.py` (under 250 lines) beside this notebook.
+# Read `gpt.py` (under 300 lines) beside this notebook.
 #
 # Everything runs on a laptop CPU in seconds.
 

@@ -17,7 +17,7 @@
 # ## 4.1 The energy loss
 #
 # The head gives $N$ samples $x_1..x_N$ for a position (independent noise, the same hidden state); the frozen
-# autoencoder's posterior gives $M$ samples $y_1..y_M$ of the true next latent. The loss (calm_heads.py, sec. 3) is the
+# autoencoder's posterior gives $M$ samples $y_1..y_M$ of the true next latent. The loss (`calm.energy_loss`, eq. E) is the
 # negative energy score, estimated without bias:
 #
 # $$\mathcal L = \frac{2}{NM}\sum_{n=1}^{N}\sum_{m=1}^{M}\lVert x_n - y_m\rVert^{\alpha} \;-\; \frac{1}{N(N-1)}\sum_{n \ne n'}\lVert x_n - x_{n'}\rVert^{\alpha}.$$
@@ -28,7 +28,7 @@
 #
 # Shapes: `x` `(N, P, l)`, `y` `(M, P, l)` for P positions; return `(P,)` in `x`'s dtype. The sum over $n \ne n'$
 # leaves out the diagonal, but a distance of exactly 0 can still occur (two equal samples: the check has a case),
-# and `sqrt` has an infinite slope at 0: the gradient becomes NaN. Do what `calm_heads.py` does: **clamp the squared
+# and `sqrt` has an infinite slope at 0: the gradient becomes NaN. Do what `calm.py` does: **clamp the squared
 # distance at `1e-12`** before the power $\alpha/2$ (`1e-12` exactly, or smaller: the check compares values to
 # $10^{-5}$, and a clamp at `1e-6` already moves the loss by more than that).
 
