@@ -67,8 +67,8 @@ from bench.common import architecture, sync
 PRESETS = {
     "tiny": dict(model=dict(n_layer=4, n_head=2, n_embd=32, block_size=32), batch_size=8, ntp_iters=30, stages=2,
                  ae_iters=60, brier_positions=32, eval_batches=2, timing_steps=3, core=False),
-    "live": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128), batch_size=16, ntp_iters=150, stages=2,
-                 ae_iters=300, brier_positions=512, eval_batches=4, timing_steps=3, core=False),  # overview.ipynb
+    "live": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128), batch_size=16, ntp_iters=100, stages=2,
+                 ae_iters=200, brier_positions=512, eval_batches=4, timing_steps=2, core=False),  # overview.ipynb
     "cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128), batch_size=16, ntp_iters=1200, stages=4,
                 ae_iters=1000, brier_positions=2048, eval_batches=10, timing_steps=8, core=True),
     "gpu": dict(model=dict(n_layer=8, n_head=8, n_embd=512, block_size=256), batch_size=64, ntp_iters=3000, stages=6,
