@@ -314,12 +314,18 @@ def generate(model, idx, max_new_tokens, temperature=1.0, sampler="batch", candi
 
 # ----------------------------------------------------------------------------- temperature
 
+MAX_INVERSE_T = 1e15  # 1/T is capped here: far beyond every sampler's budget, so T -> 0 samples the same from there
+#                       on (and 1/T of a subnormal T is infinite)
+
+
 def temperature_split(T):
-    """1/T = n + a with n >= 1 an integer and 0 <= a < 1; T outside (0, 1] is a one-line error."""
+    """1/T = n + a with n >= 1 an integer and 0 <= a < 1 (1/T at most MAX_INVERSE_T); T outside (0, 1] is a
+    one-line error."""
     if T is None or not 0 < T <= 1:
         raise UserError(f"CALM temperature must be in (0, 1], got {T}")
-    n = math.floor(1 / T + 1e-9)
-    a = 1 / T - n
+    inverse = min(1 / T, MAX_INVERSE_T)
+    n = math.floor(inverse + 1e-9)
+    a = inverse - n
     return n, (a if a > 1e-9 else 0.0)
 
 
@@ -375,7 +381,7 @@ def sample_batch(draw, T, candidates=200, generator=None):
     (generalised) number of accepted m-subsets. 1/T an integer: the authors' rule."""
     s = draw(candidates)                                             # (N, K)
     counts = Counter(tuple(r) for r in s.tolist())
-    m, top = 1 / T, max(counts.values())
+    m, top = min(1 / T, MAX_INVERSE_T), max(counts.values())
     n = math.floor(m + 1e-9)
     if n > top:  # step m down by whole units until some value is seen floor(m) times (in one step: T -> 0 is safe)
         m, n = top + max(0.0, m - n), top

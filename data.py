@@ -13,7 +13,8 @@ Datasets:    'shakespeare'   Tiny Shakespeare (char-rnn), downloaded once; first
              'induction', 'polynomial'   the MTP paper's synthetic tasks, generated in memory with their own
                              tokenizers and an accuracy metric (see the end of this file)
 Cache: $LMPAPERS_CACHE (default ~/.cache/lmpapers) holds downloads, token caches and the tiktoken cache
-(TIKTOKEN_CACHE_DIR is pointed inside it unless you set it yourself).
+(TIKTOKEN_CACHE_DIR is pointed inside it unless you set it yourself). A token cache is named by the content of its
+source text (shakespeare, file:PATH), so a changed or replaced text is tokenized again, never read stale.
 """
 import functools
 import hashlib
@@ -88,7 +89,8 @@ def get_tokenizer(name):
 
 # ----------------------------------------------------------------------------- raw text
 
-def shakespeare_text():
+def shakespeare_file():
+    """The path of Tiny Shakespeare in the cache, downloaded once."""
     path = cache_dir() / "shakespeare" / "input.txt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +102,21 @@ def shakespeare_text():
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(raw)
         tmp.replace(path)
-    return path.read_text(encoding="utf-8")
+    return path
+
+
+def source_file(name):
+    """The text file behind the dataset 'shakespeare' or 'file:PATH'."""
+    if name == "shakespeare":
+        return shakespeare_file()
+    path = Path(name[5:]).expanduser()
+    if path.is_dir():
+        raise UserError(f"dataset {name!r}: {path} is a directory; give a text file")
+    if not path.exists():
+        raise UserError(f"dataset file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"dataset {name!r}: {path} is not a regular file (a device or a pipe); give a text file")
+    return path
 
 
 def pystdlib_files():
@@ -119,21 +135,17 @@ def pystdlib_files():
 
 def split_texts(name):
     """{'train': [texts], 'val': [texts]} for one single-domain dataset name."""
-    if name == "shakespeare":
-        text = shakespeare_text()
-        n = int(0.9 * len(text))
-        return {"train": [text[:n]], "val": [text[n:]]}
     if name == "pystdlib":
         files = pystdlib_files()
         return {"train": [s for i, (_, s) in enumerate(files) if i % 10 != 9],
                 "val": [s for i, (_, s) in enumerate(files) if i % 10 == 9]}
-    if name.startswith("file:"):
-        path = Path(name[5:]).expanduser()
-        if not path.is_file():
-            raise UserError(f"dataset file not found: {path}")
-        text = path.read_text(encoding="utf-8", errors="replace")
+    if name == "shakespeare" or name.startswith("file:"):
+        text = source_file(name).read_text(encoding="utf-8", errors="replace")
         n = int(0.9 * len(text))
         return {"train": [text[:n]], "val": [text[n:]]}
+    if name in TASKS:
+        raise UserError(f"the synthetic task {name!r} cannot be part of a mix (it has its own tokenizer and "
+                        f"episodes): use --dataset {name} alone")
     raise UserError(f"unknown dataset {name!r}: choose shakespeare, pystdlib, file:PATH, A+B, induction or polynomial")
 
 
@@ -157,12 +169,16 @@ def text_file_bytes(path, max_invalid=0.01):
 
 
 def dataset_key(name):
-    if name.startswith("file:"):
-        path = Path(name[5:]).expanduser()
-        if not path.is_file():
-            raise UserError(f"dataset file not found: {path}")
-        digest = hashlib.sha1(text_file_bytes(path)).hexdigest()[:12]  # checked at every load, cached or not
-        return f"file-{path.stem}-{digest}"
+    """The token cache's name for one dataset: a text file's is its content's digest, so a changed file (or a
+    bad cached input.txt replaced by the real one) is tokenized again."""
+    if name == "shakespeare" or name.startswith("file:"):
+        path = source_file(name)
+        try:
+            digest = hashlib.sha1(text_file_bytes(path)).hexdigest()[:12]  # checked at every load, cached or not
+        except UserError as e:
+            raise UserError(f"{e}; delete it and it is downloaded again" if name == "shakespeare" else str(e)) \
+                from None
+        return f"shakespeare-{digest}" if name == "shakespeare" else f"file-{path.stem}-{digest}"
     if name == "pystdlib":
         return f"pystdlib-py{sys.version_info.major}.{sys.version_info.minor}"
     return name
@@ -175,9 +191,14 @@ def tokenize_to_cache(texts, tokenizer, path):
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     arr = np.fromiter((i for seq in ids for i in seq), dtype=dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: torchrun's ranks may build it together
     arr.tofile(tmp)
     tmp.replace(path)  # atomic: a half-written cache is never read
+
+
+def read_cache(path, dtype):
+    """A token cache as a read-only memmap (an empty split as an empty array: mmap refuses empty files)."""
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype=dtype)
 
 
 class Dataset:
@@ -227,18 +248,19 @@ def load_dataset(name, tokenizer_name):
     """Tokenize `name` with `tokenizer_name` once (cached on disk), then return it as memmaps."""
     tokenizer = get_tokenizer(tokenizer_name)
     domains = name.split("+")
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     splits, built = {}, []
     for domain in domains:
         key = dataset_key(domain)
         paths = {s: cache_dir() / "tokens" / f"{key}.{tokenizer_name}.{s}.bin" for s in ("train", "val")}
-        if not all(p.exists() for p in paths.values()):
+        # a missing cache, or one cut short (not whole tokens), is built again
+        if not all(p.is_file() and p.stat().st_size % np.dtype(dtype).itemsize == 0 for p in paths.values()):
             texts = split_texts(domain)
             for s, p in paths.items():
                 tokenize_to_cache(texts[s], tokenizer, p)
                 built.append(f"{domain}:{s}")
-        dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
         for s, p in paths.items():
-            splits[f"{s}:{domain}"] = np.memmap(p, dtype=dtype, mode="r")
+            splits[f"{s}:{domain}"] = read_cache(p, dtype)
     if len(domains) == 1:
         splits = {"train": splits[f"train:{name}"], "val": splits[f"val:{name}"]}
     else:  # equal share of every domain in train; val keeps everything, per domain and together
@@ -257,6 +279,9 @@ def load_data(dataset=None, tokenizer=None):
     if dataset in TASKS:
         return load_task(dataset, tokenizer)
     ds, tok = dataset or DEFAULT_DATASET, tokenizer or DEFAULT_TOKENIZER
+    if tok in TASKS:
+        raise UserError(f"--tokenizer {tok} is the tokenizer of --dataset {tok} only: for --dataset {ds} choose "
+                        f"gpt2 or bytes")
     try:
         get_tokenizer(tok)
     except DownloadError as e:
@@ -277,17 +302,104 @@ def load_data(dataset=None, tokenizer=None):
 
 # ============================================================================= synthetic tasks (MTP paper, sec. 4)
 # Two small tasks from Gloeckle et al. (2024) on which multi-token prediction helps small models, as datasets that
-# train.py can use like any other (--dataset induction | polynomial). Every episode is BOS + content, padded to a
-# fixed length E; a training window is one whole episode (x = ep[:T], y = ep[1:T+1], padding targets = -1, which the
-# losses ignore). Each split is generated from its own seed (deterministic, no download), and each episode carries a
-# mask of its scored positions, which `TaskDataset.accuracy` uses.
-#   induction   random two-token "names" (an upper-case letter then a digit) inside lower-case filler; each name
-#               recurs; score: the name's second token at every recurrence (token accuracy; chance 10%)
-#   polynomial  expressions in the ring F_7[X]/(X^5) (coefficients mod 7, degree < 5) with m operations among
-#               + (add), * (multiply), o (compose p(q(X))), - (negate); the answer's 5 coefficients after '='.
-#               train and val: m = 1..5; 'val:ood': m = 6..8 (out of distribution); score: exact match of all 5
+# train.py can use like any other: --dataset induction | polynomial, or configured, e.g.
+#     --dataset induction:names=6,length=64          --dataset polynomial:ops=+*o-,m=1-5,ood=6-8
+# (options and defaults: TASK_OPTIONS). Every episode is BOS + content, padded to a fixed length E; a training window
+# is one whole episode (x = ep[:T], y = ep[1:T+1]). Targets the loss ignores are -1: padding always, and with
+# loss=answer every target that is not a scored token (an MTP head i is then trained exactly where its target
+# x_t+i+1 is a scored token: mtp.head_loss ignores -1). Training batches are FRESH episodes, generated from seeds
+# that the batch generator draws (so a run is deterministic and resumes exactly); the val splits are fixed sets
+# generated from one seed per (task, split); 'train' also keeps a small fixed pool, for code that reads a split as
+# a token stream (BrierLM, dispersion). `TaskDataset.accuracy` scores the scored tokens; `no_skill` gives the
+# baselines a model without the skill reaches.
+#   induction   k two-token names (an upper-case letter, then a digit; distinct letters, distinct digits) in
+#               lower-case filler (none when length = 4 x names): filler=words, a stream of words of a fixed
+#               48-word lexicon (text-like: its letters are predictable from the ones before, which makes a model
+#               attend to previous tokens, the first half of an induction circuit), or filler=random letters. Every name is introduced once in the first half of
+#               the episode; the second half holds `recur` recurrences (default: as many as names), each of a name
+#               drawn uniformly (with replacement). Score: the name's second token at every recurrence (token
+#               accuracy). val: k = names; training: k uniform in min_names..names (episodes with few names give a
+#               small model a first foothold: guessing among 2 seen names is right half the time). Without
+#               induction a model can at best guess among the second tokens it has seen: on val 1 / names
+#               (induction_guess_baseline); chance is 1/10.
+#   polynomial  expressions in F_7[X]/(X^5) (coefficients mod 7, degree < 5) with m operations drawn uniformly from
+#               `ops` among + (add), * (multiply), o (compose p(q(X))), - (negate); the answer is the 5
+#               coefficients after '='. train and val: m in the range `m`; 'val:ood': m in `ood` (more operations
+#               than training). Score: exact match of all 5 answer digits. Default loss on the answer digits only.
+#               The default mix is what a small model learns on a CPU: + * - with one operation (two out of
+#               distribution); with 1-2 operations in training a 4 x 64 model stays near 0.02 exact match after 3,000
+#               iterations, and with the paper's 1-5 (+ * o -) near 0.
 
-TASK_EPISODES = {"train": 20000, "val": 1000, "val:ood": 1000}
+TASK_EPISODES = {"train": 1000, "val": 1000, "val:ood": 1000}  # fixed splits ('train': a pool, see above)
+TASK_OPTIONS = {  # task: {option: default}; a configured name lists the options it changes
+    "induction": dict(names=8, min_names=2, length=64, recur=0, filler="words", loss="all"),  # recur 0: = names
+    "polynomial": dict(ops="+*-", m="1", ood="2", loss="answer"),
+}
+POLY_OPS = "+*o-"
+INDUCTION_DIGITS = 10  # second tokens of names
+
+
+class TaskNames(dict):
+    """TASKS: name -> task; `in` also accepts a configured name 'task:option=value,...' (load_data asks `in`)."""
+
+    def __contains__(self, name):
+        return isinstance(name, str) and super().__contains__(name.partition(":")[0])
+
+
+def parse_range(text, option):
+    lo, _, hi = str(text).partition("-")
+    if not (lo.isdigit() and (hi.isdigit() or not hi)):
+        raise UserError(f"polynomial option {option}={text!r}: give a number of operations or a range like 1-2")
+    lo, hi = int(lo), int(hi or lo)
+    if not 1 <= lo <= hi <= 12:
+        raise UserError(f"polynomial option {option}={text!r}: need 1 <= low <= high <= 12 operations")
+    return lo, hi
+
+
+def parse_task(name):
+    """(task, options) of 'task' or 'task:option=value,...', every option checked: bad input is one UserError."""
+    task, _, rest = name.partition(":")
+    if task not in TASK_OPTIONS:
+        raise UserError(f"unknown task {task!r}: choose from {', '.join(TASK_OPTIONS)}")
+    opts = dict(TASK_OPTIONS[task])
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if key not in opts or not eq:
+            raise UserError(f"--dataset {name}: {item!r} is not an option of {task} (options: "
+                            f"{', '.join(f'{k}={v}' for k, v in TASK_OPTIONS[task].items())})")
+        opts[key] = value
+    if opts.get("filler", "words") not in ("words", "random"):
+        raise UserError(f"--dataset {name}: filler must be 'words' or 'random', got {opts['filler']!r}")
+    if opts["loss"] not in ("all", "answer"):
+        raise UserError(f"--dataset {name}: loss must be 'all' or 'answer', got {opts['loss']!r}")
+    if task == "induction":
+        for key in ("names", "min_names", "length", "recur"):
+            if not str(opts[key]).isdigit():
+                raise UserError(f"--dataset {name}: {key} must be a whole number, got {opts[key]!r}")
+            opts[key] = int(opts[key])
+        if not 2 <= opts["names"] <= INDUCTION_DIGITS:
+            raise UserError(f"--dataset {name}: the induction task needs 2 to {INDUCTION_DIGITS} distinct names per "
+                            f"episode (each with its own digit; with fewer than 2, guessing among the names seen is "
+                            f"always right), got names={opts['names']}")
+        if not 2 <= opts["min_names"] <= opts["names"]:
+            raise UserError(f"--dataset {name}: min_names must be between 2 and names={opts['names']}, got "
+                            f"{opts['min_names']}")
+        opts["recur"] = opts["recur"] or opts["names"]
+        half = opts["length"] // 2  # the first half holds the introductions, the second the recurrences
+        if half < 2 * opts["names"] or opts["length"] - half < 2 * opts["recur"]:
+            need = 2 * max(2 * opts["names"], 2 * opts["recur"])
+            raise UserError(f"--dataset {name}: {opts['names']} names and {opts['recur']} recurrences need "
+                            f"length >= {need}, got length={opts['length']}")
+    else:
+        ops = opts["ops"]
+        if not ops or set(ops) - set(POLY_OPS) or len(set(ops)) != len(ops):
+            raise UserError(f"--dataset {name}: ops must be a non-empty set of distinct operations among "
+                            f"{' '.join(POLY_OPS)}, got ops={ops!r}")
+        opts["m"], opts["ood"] = parse_range(opts["m"], "m"), parse_range(opts["ood"], "ood")
+        if opts["ood"][0] <= opts["m"][1]:
+            raise UserError(f"--dataset {name}: the out-of-distribution split must have more operations than "
+                            f"training (m up to {opts['m'][1]}), got ood={opts['ood'][0]}-{opts['ood'][1]}")
+    return task, opts
 
 
 class CharTokenizer:
@@ -314,22 +426,43 @@ INDUCTION_TOKENIZER = CharTokenizer("induction", "\n_" + "abcdefghijklmnopqrstuv
 POLYNOMIAL_TOKENIZER = CharTokenizer("polynomial", "\n_0123456+*o-()=;")
 
 
-def induction_episode(rng, length=64, n_names=3, max_repeats=3):
-    """(text, scored character indices): `length` characters of filler with n_names two-character names, each
-    occurring 2..max_repeats+1 times; the scored indices are the second characters of every recurrence."""
-    counts = rng.integers(2, max_repeats + 2, size=n_names)
-    firsts = rng.choice(26, size=n_names, replace=False)
-    seconds = rng.integers(0, 10, size=n_names)
-    order = rng.permutation(np.repeat(np.arange(n_names), counts))            # which name at each occurrence
-    m = len(order)
-    starts = np.sort(rng.choice(length - m, size=m, replace=False)) + np.arange(m)  # non-overlapping pairs
-    chars = [chr(ord("a") + c) for c in rng.integers(0, 26, size=length)]
-    scored, seen = [], set()
-    for name, p in zip(order, starts):
-        chars[p], chars[p + 1] = chr(ord("A") + firsts[name]), str(seconds[name])
-        if name in seen:
+def place_pairs(rng, start, room, k):
+    """Start positions of k non-overlapping two-character slots inside [start, start + room), in order."""
+    return start + np.sort(rng.choice(room - k, size=k, replace=False)) + np.arange(k)
+
+
+_LEXICON = np.random.default_rng(0)  # the filler's words: 48 distinct lower-case words of 3 to 5 letters
+LEXICON = sorted({"".join(chr(97 + c) for c in _LEXICON.integers(0, 26, size=int(k)))
+                  for k in _LEXICON.integers(3, 6, size=60)})[:48]
+
+
+def filler_text(rng, length, filler="words"):
+    """`length` lower-case characters: LEXICON words one after another (cut at the end), or random letters."""
+    if filler == "random":
+        return [chr(97 + c) for c in rng.integers(0, 26, size=length)]
+    words = rng.integers(0, len(LEXICON), size=length // 3 + 1)
+    return list("".join(LEXICON[w] for w in words)[:length])
+
+
+def induction_episode(rng, names=8, length=32, recur=8, min_names=None, filler="words"):
+    """(text, scored character indices): `length` characters of lower-case filler; the first half introduces
+    `names` names (distinct upper-case letters, distinct digits; with min_names, a number drawn uniformly in
+    min_names..names), the second half holds `recur` recurrences of names drawn uniformly; the scored indices are
+    the second characters of the recurrences."""
+    if min_names is not None:
+        names = int(rng.integers(min_names, names + 1))
+    firsts = rng.choice(26, size=names, replace=False)
+    seconds = rng.choice(INDUCTION_DIGITS, size=names, replace=False)
+    again = rng.integers(0, names, size=recur)
+    chars = filler_text(rng, length, filler)
+    half = length // 2
+    slots = [(p, who, False) for p, who in zip(place_pairs(rng, 0, half, names), rng.permutation(names))]
+    slots += [(p, who, True) for p, who in zip(place_pairs(rng, half, length - half, recur), again)]
+    scored = []
+    for p, who, again in slots:
+        chars[p], chars[p + 1] = chr(ord("A") + firsts[who]), str(seconds[who])
+        if again:
             scored.append(p + 1)
-        seen.add(name)
     return "".join(chars), scored
 
 
@@ -351,65 +484,98 @@ def poly_compose(p, q):
     return r
 
 
-def polynomial_expression(rng, m):
-    """(text, value): a random expression with m operations, operands written as 5 coefficients c0..c4."""
+def polynomial_expression(rng, m, ops=POLY_OPS):
+    """(text, value): a random expression with m operations, each drawn uniformly from ops; operands are written
+    as their 5 coefficients c0..c4; a binary operation splits the remaining m - 1 operations at random."""
     if m == 0:
         p = [int(c) for c in rng.integers(0, 7, size=5)]
         return "".join(map(str, p)), p
-    if rng.random() < 0.25:  # unary negation
-        text, p = polynomial_expression(rng, m - 1)
+    op = ops[int(rng.integers(0, len(ops)))]
+    if op == "-":  # unary negation
+        text, p = polynomial_expression(rng, m - 1, ops)
         return "-" + text, [(-c) % 7 for c in p]
     k = int(rng.integers(0, m))
-    (lt, lp), (rt, rp) = polynomial_expression(rng, k), polynomial_expression(rng, m - 1 - k)
-    op = "+*o"[int(rng.integers(0, 3))]
+    (lt, lp), (rt, rp) = polynomial_expression(rng, k, ops), polynomial_expression(rng, m - 1 - k, ops)
     value = {"+": lambda: [(a + b) % 7 for a, b in zip(lp, rp)], "*": lambda: poly_mul(lp, rp),
              "o": lambda: poly_compose(lp, rp)}[op]()
     return f"({lt}{op}{rt})", value
 
 
-def polynomial_episode(rng, min_ops=1, max_ops=5):
+def polynomial_episode(rng, ops=POLY_OPS, m=(1, 1)):
     """(text, scored character indices): 'expression=c0c1c2c3c4;' with the 5 answer characters scored."""
-    expr, value = polynomial_expression(rng, int(rng.integers(min_ops, max_ops + 1)))
+    expr, value = polynomial_expression(rng, int(rng.integers(m[0], m[1] + 1)), ops)
     text = f"{expr}={''.join(map(str, value))};"
     return text, list(range(len(expr) + 1, len(expr) + 6))
 
 
-TASKS = {  # name: (tokenizer, episode length E incl. BOS, split -> episode maker, metric)
-    "induction": (INDUCTION_TOKENIZER, 65, {s: induction_episode for s in ("train", "val")}, "token"),
-    "polynomial": (POLYNOMIAL_TOKENIZER, 81, {"train": polynomial_episode, "val": polynomial_episode,
-                                               "val:ood": lambda rng: polynomial_episode(rng, 6, 8)}, "exact"),
-}
+def task_spec(name):
+    """(tokenizer, episode length E incl. BOS, {split: episode maker (rng) -> (text, scored)}, metric) of a task."""
+    task, o = parse_task(name)
+    if task == "induction":
+        make = functools.partial(induction_episode, names=o["names"], length=o["length"], recur=o["recur"],
+                                 filler=o["filler"])
+        train = functools.partial(make, min_names=o["min_names"])
+        return INDUCTION_TOKENIZER, o["length"] + 1, {"train": train, "val": make}, "token"
+    makers = {"train": functools.partial(polynomial_episode, ops=o["ops"], m=o["m"]),
+              "val:ood": functools.partial(polynomial_episode, ops=o["ops"], m=o["ood"])}
+    makers["val"] = makers["train"]
+    return POLYNOMIAL_TOKENIZER, 8 * o["ood"][1] + 13, makers, "exact"  # longest: (8m + 5) + '=' 5 digits ';' + BOS
 
 
-@functools.lru_cache(maxsize=None)  # generated once per process
-def make_task_split(task, split, n_episodes, seed):
-    """(tokens (N, E) uint8, scored (N, E) bool), deterministic given the seed; scored marks answer tokens."""
-    tok, E, makers, _ = TASKS[task]
-    rng = np.random.default_rng(seed)
-    tokens = np.full((n_episodes, E), tok.pad, dtype=np.uint8)
-    scored = np.zeros((n_episodes, E), dtype=bool)
-    for n in range(n_episodes):
-        text, answer = makers[split](rng)
+TASKS = TaskNames(induction=(INDUCTION_TOKENIZER, TASK_OPTIONS["induction"]),  # task: (tokenizer, defaults);
+                  polynomial=(POLYNOMIAL_TOKENIZER, TASK_OPTIONS["polynomial"]))  # load_data asks `in`
+
+
+def encode_episodes(tok, E, episodes):
+    """[(text, scored character indices)] -> (tokens (N, E) uint8, scored (N, E) bool): BOS + text, padded."""
+    tokens = np.full((len(episodes), E), tok.pad, dtype=np.uint8)
+    scored = np.zeros((len(episodes), E), dtype=bool)
+    for n, (text, answer) in enumerate(episodes):
         ids = [tok.bos] + tok.encode(text)
-        assert len(ids) <= E, f"{task} episode of {len(ids)} tokens exceeds {E}"
+        assert len(ids) <= E, f"an episode of {len(ids)} tokens exceeds {E}"
         tokens[n, :len(ids)] = ids
         scored[n, [a + 1 for a in answer]] = True  # +1: the BOS token
     return tokens, scored
 
 
+@functools.lru_cache(maxsize=None)  # generated once per process
+def make_task_split(task, split, n_episodes, seed):
+    """(tokens (N, E) uint8, scored (N, E) bool) of a (configured) task's split, deterministic given the seed."""
+    tok, E, makers, _ = task_spec(task)
+    rng = np.random.default_rng(seed)
+    return encode_episodes(tok, E, [makers[split](rng) for _ in range(n_episodes)])
+
+
+def induction_guess_baseline(tokens, scored, tok=INDUCTION_TOKENIZER):
+    """The accuracy of a model with no induction that guesses uniformly among the second tokens of the names seen
+    so far in the episode (a second token = the token after an upper-case one): the mean over scored positions of
+    1 / (distinct second tokens before it). tokens, scored: (N, E) as make_task_split gives them."""
+    upper = {tok.stoi[c] for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+    total, count = 0.0, 0
+    for ep, sc in zip(np.asarray(tokens), np.asarray(scored)):
+        seen = set()
+        for t in range(1, len(ep)):
+            if sc[t]:
+                total, count = total + 1 / max(len(seen), 1), count + 1
+            if ep[t - 1] in upper:
+                seen.add(int(ep[t]))
+    return total / max(count, 1)
+
+
 class TaskDataset(Dataset):
     """A synthetic task: splits are flat streams of whole episodes (so BrierLM / dispersion windows still work);
-    training windows are whole episodes, with padding targets = -1."""
+    training windows are whole episodes, fresh ones every batch, with the ignored targets = -1."""
 
-    def __init__(self, task):
-        tok, E, makers, self.metric = TASKS[task]
-        self.E, self.episodes, self.scored = E, {}, {}
+    def __init__(self, name):
+        tok, E, makers, self.metric = task_spec(name)
+        self.task, self.options = parse_task(name)
+        self.E, self.makers, self.episodes, self.scored = E, makers, {}, {}
         for i, split in enumerate(makers):
-            seed = 1000 * (i + 1) + sum(map(ord, task))  # one fixed seed per (task, split)
-            self.episodes[split], self.scored[split] = make_task_split(task, split, TASK_EPISODES[split], seed)
+            seed = 1000 * (i + 1) + sum(map(ord, self.task))  # one fixed seed per (task, split)
+            self.episodes[split], self.scored[split] = make_task_split(name, split, TASK_EPISODES[split], seed)
         # T must reach every scored target (y[t] = ep[t + 1]) and stay inside one episode
         self.min_block = max(int(np.nonzero(s.any(0))[0].max()) for s in self.scored.values())
-        super().__init__(task, tok, {s: e.reshape(-1) for s, e in self.episodes.items()}, [])
+        super().__init__(name, tok, {s: e.reshape(-1) for s, e in self.episodes.items()}, [])
 
     def check_block(self, block_size):
         if not self.min_block <= block_size <= self.E - 1:
@@ -417,16 +583,51 @@ class TaskDataset(Dataset):
                             f"(its episodes are {self.E} tokens), got {block_size}")
 
     def random_offsets(self, split, n, block_size, generator=None):
-        """Episode indices (not token offsets): every window starts at an episode's BOS."""
+        """Episode indices of a fixed split; for 'train', seeds of fresh episodes. Every window starts at a BOS."""
         self.check_block(block_size)
+        if split == "train":
+            return torch.randint(2 ** 62, (n,), generator=generator)
         return torch.randint(len(self.split(split)) // self.E, (n,), generator=generator)
+
+    def fresh(self, seeds):
+        """(tokens, scored) of fresh training episodes, one per seed (the same seed gives the same episode)."""
+        return encode_episodes(self.tokenizer, self.E,
+                               [self.makers["train"](np.random.default_rng(int(s))) for s in seeds])
+
+    def windows(self, tokens, scored, block_size, device="cpu"):
+        """x = ep[:T], y = ep[1:T+1] of whole episodes, y = -1 where the loss ignores it (padding; with
+        loss=answer, every target that is not a scored token)."""
+        ep = torch.from_numpy(np.asarray(tokens).astype(np.int64))
+        x, y = ep[:, :block_size], ep[:, 1:block_size + 1].clone()
+        ignore = y == self.tokenizer.pad
+        if self.options["loss"] == "answer":
+            ignore |= ~torch.from_numpy(np.asarray(scored)[:, 1:block_size + 1])
+        y[ignore] = -1
+        return x.to(device), y.to(device)
 
     def batch_at(self, split, ix, block_size, device="cpu"):
         self.split(split)  # a clear error for an unknown split
-        ep = torch.from_numpy(self.episodes[split][ix.numpy()].astype(np.int64))  # (B, E)
-        x, y = ep[:, :block_size], ep[:, 1:block_size + 1].clone()
-        y[y == self.tokenizer.pad] = -1  # no loss on padding
-        return x.to(device), y.to(device)
+        if split == "train":
+            tokens, scored = self.fresh(ix.tolist())
+        else:
+            tokens, scored = self.episodes[split][ix.numpy()], self.scored[split][ix.numpy()]
+        return self.windows(tokens, scored, block_size, device)
+
+    def no_skill(self, split="val"):
+        """What a model without the skill scores on a split, {name: accuracy in the task's metric}: 'chance'
+        (uniform over the answer's symbols: 10 digits / 7 coefficients); induction: 'guess_seen' (uniform among
+        the second tokens already seen, induction_guess_baseline); polynomial: 'common_digit' (the most common
+        digit of the training distribution at each answer position, estimated on 5,000 fresh episodes; exact
+        match and, as 'common_digit_per_digit', per digit) and 'chance_per_digit'."""
+        tokens, scored = self.episodes[split], self.scored[split]
+        if self.task == "induction":
+            return dict(chance=1 / INDUCTION_DIGITS, guess_seen=induction_guess_baseline(tokens, scored))
+        digits = lambda t, s: np.stack([row[mask] for row, mask in zip(t, s)])  # noqa: E731  (N, 5) answer tokens
+        train = digits(*self.fresh(np.random.default_rng(7).integers(0, 2 ** 62, size=5000)))
+        common = np.array([np.bincount(col, minlength=self.vocab_size).argmax() for col in train.T])
+        right = digits(tokens, scored) == common
+        return dict(chance=7.0 ** -5, chance_per_digit=1 / 7, common_digit=float(right.all(1).mean()),
+                    common_digit_per_digit=float(right.mean()))
 
     @torch.no_grad()
     def accuracy(self, next_token_logits, split="val", n_episodes=None, batch_size=100, block_size=None,
@@ -441,7 +642,8 @@ class TaskDataset(Dataset):
         hits, total = 0, 0
         for lo in range(0, n, batch_size):
             ix = torch.arange(lo, min(n, lo + batch_size))
-            x, y = self.batch_at(split, ix, T, device)
+            ep = torch.from_numpy(episodes[ix.numpy(), :T + 1].astype(np.int64)).to(device)
+            x, y = ep[:, :T], ep[:, 1:]                                         # every true target
             mask = torch.from_numpy(scored[ix.numpy(), 1:T + 1]).to(device)   # (B, T): scored targets
             right = (next_token_logits(x).argmax(-1) == y) | ~mask              # (B, T)
             if self.metric == "exact":
@@ -452,7 +654,7 @@ class TaskDataset(Dataset):
 
 
 def load_task(name, tokenizer=None):
-    tok = TASKS[name][0]
+    tok = task_spec(name)[0]
     if tokenizer not in (None, tok.name):
         raise UserError(f"--dataset {name} has its own tokenizer: leave --tokenizer unset (got {tokenizer!r})")
     return TaskDataset(name)

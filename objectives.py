@@ -7,7 +7,10 @@ bench/ reach the papers through it.
   flags              each objective's own flags are the fields of `configs` (the paper's configs, e.g.
                      calm.AEConfig, and the wiring's, e.g. CALMFlags)
   check(args, data)  every rule about the flags of one stage, run before anything trains or writes
-  prepare(args)      what trains first (CALM: its autoencoder), as train.py flags, and this run's args resolved
+  size(args, V)      the parameters the model will have, estimated from the flags (the memory check before any
+                     allocation)
+  prepare(args)      what trains first (CALM: its autoencoder), as train.py flags, this run's args resolved, and a
+                     line saying what it decided (printed by trainer.plan once every check has passed)
   load_model         (model, objective, saved args, tokenizer) from any checkpoint
   brier_scores       BrierLM of any model through its objective's sampler; score_checkpoint for one file
 """
@@ -15,6 +18,7 @@ import copy
 import dataclasses
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable
@@ -26,9 +30,15 @@ import calm
 import dispersion
 import mtp
 from calm_comparison_heads import ComparisonConfig, DiffusionHead, FlowHead, MSEHead
-from data import get_tokenizer, load_data
+from data import DownloadError, get_tokenizer, load_data
 from gpt import GPT, GPTConfig
-from runtime import UserError, check_number, load_checkpoint
+from runtime import UserError, check_number, first_non_finite, load_checkpoint
+
+
+def gpt_size(args, vocab_size):
+    """(trainable, frozen) parameters of a GPT from its flags: 12 L d^2 (attention 4 d^2, MLP 8 d^2 per block) and
+    the V x d embedding, tied to the output. A little under the true count (norms, biases, positions left out)."""
+    return 12 * args.n_layer * args.n_embd ** 2 + vocab_size * args.n_embd, 0
 
 
 @dataclass
@@ -42,7 +52,9 @@ class Objective:
     evaluate: Callable = None          # (model, data, args) -> {name: float}, extra evaluation metrics
     draw: Callable = None              # (model, ctx, n_tokens, generator, args) -> (B, n): BrierLM's sampler
     check: Callable = None             # (args, data) -> None, or a UserError: rules on this objective's flags
-    prepare: Callable = None           # (args) -> ([train.py flags of each stage to run first], resolved args)
+    size: Callable = gpt_size          # (args, vocab_size) -> (trainable, frozen) parameters, estimated
+    prepare: Callable = None           # (args) -> ([train.py flags of each stage to run first], resolved args,
+    #                                     a line saying what it decided, printed once every check has passed)
     init: Callable = None              # (model, args) -> None: what a fresh run loads (CALM: its autoencoder)
     param_groups: Callable = None      # (model, groups, args) -> optimizer groups (with an optional "lr_scale")
     presets: dict = field(default_factory=dict)  # {preset: {flag: default}}, over trainer.PRESETS
@@ -57,10 +69,33 @@ def default_draw(model, ctx, n_tokens, generator, args):
     return model.generate(ctx, n_tokens, temperature=1.0, generator=generator)[:, -n_tokens:]
 
 
+GREEDY_BELOW = 1e-30  # a token model samples its argmax below this temperature: logits / T would overflow float32,
+#                      and logits that differ by float32's resolution (~1e-7 at magnitude 1) are 1e23 nats apart
+
+
+def token_temperature(T):
+    """The temperature a token model samples at: T, or 0 (greedy, its limit) for T -> 0 (below GREEDY_BELOW)."""
+    return 0.0 if T < GREEDY_BELOW else T
+
+
 def token_generate(model, idx, args, generator=None):
     if getattr(args, "speculative", False):
         raise UserError("--speculative needs a multi-token (mtp) checkpoint with extra heads")
-    return model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator=generator)
+    return model.generate(idx, args.max_new_tokens, token_temperature(args.temperature), args.top_k,
+                          generator=generator)
+
+
+@contextmanager
+def finite_probabilities(path):
+    """Sampling from a model whose probabilities are not finite (finite weights so large that its logits
+    overflow) is a one-line error naming the checkpoint, not torch.multinomial's traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "probability tensor contains" not in str(e):
+            raise
+        raise UserError(f"{path}: the model's probabilities are not finite (its weights are so large that its "
+                        f"logits overflow): this checkpoint cannot be sampled") from None
 
 
 def typed(args):
@@ -120,12 +155,13 @@ def mtp_evaluate(model, data, args):
 
 
 def mtp_generate(model, idx, args, generator=None):
+    T = token_temperature(args.temperature)
     if not getattr(args, "speculative", False):
-        return model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator=generator)
+        return model.generate(idx, args.max_new_tokens, T, args.top_k, generator=generator)
     if model.n_future < 2:
         raise UserError("--speculative needs extra heads: this checkpoint was trained with --n_future 1")
-    out, s = mtp.speculative_generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, generator)
-    rule = "identical to greedy decoding" if args.temperature == 0 else "each token distributed as head 1's"
+    out, s = mtp.speculative_generate(model, idx, args.max_new_tokens, T, args.top_k, generator)
+    rule = "identical to greedy decoding" if T == 0 else "each token distributed as head 1's"
     print(f"speculative (n={model.n_future}): {s['tokens']} tokens in {s['forwards']} forwards = "
           f"{s['tokens_per_forward']:.2f} tokens/forward ({rule}; speed: python -m bench mtp speculative)",
           file=sys.stderr)
@@ -156,6 +192,23 @@ def check_chunks(args, data):
     calm.chunks_per_window(args.block_size, args.chunk_size)
 
 
+GPT_ONLY = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("vocab_size", "block_size")]
+
+
+def ae_check(args, data):
+    check_chunks(args, data)
+    for flag in GPT_ONLY:
+        if flag in typed(args):
+            raise UserError(f"--{flag} shapes a Transformer, and --objective autoencoder has none: its sizes are "
+                            f"--ae_dim, --ae_layers and --latent_dim")
+
+
+def ae_size(args, vocab_size):
+    """(trainable, frozen) parameters of the autoencoder from its flags: 4 stages of ae_layers SwiGLU layers
+    (7.5 d^2 each), the K d <-> d maps and the V x d embedding (a little under the true count)."""
+    return (30 * args.ae_layers + 2 * args.chunk_size) * args.ae_dim ** 2 + vocab_size * args.ae_dim, 0
+
+
 @torch.no_grad()
 def ae_evaluate(model, data, args, sigmas=None, n_batches=None, relative=False):
     """Held-out reconstruction accuracy, clean and with latent noise (recon_acc, recon_acc_noisy), or at each of
@@ -182,7 +235,7 @@ def ae_generate(model, idx, args, generator=None):
 AUTOENCODER = Objective(
     "autoencoder", build=lambda gcfg, args: calm.Autoencoder(gcfg.vocab_size, fields_of(calm.AEConfig, args)),
     loss=lambda model, x, y, args: calm.ae_loss(model, x), generate=ae_generate, configs=(calm.AEConfig, AEFlags),
-    evaluate=ae_evaluate, check=check_chunks, default_tokenizer="bytes", language_model=False)
+    evaluate=ae_evaluate, check=ae_check, size=ae_size, default_tokenizer="bytes", language_model=False)
 
 
 # ----------------------------------------------------------------------------- calm
@@ -220,6 +273,13 @@ def make_head(d, args):
     return head(d, args.head_dim or d // 2, l, args.head_layers, args.num_samples, steps)
 
 
+def calm_size(args, vocab_size):
+    """(trainable, frozen) parameters: the backbone (a GPT) and the head (head_layers blocks of at least w^2,
+    w = --head_dim or n_embd / 2) train; the autoencoder inside is frozen."""
+    width = args.head_dim or args.n_embd // 2
+    return gpt_size(args, vocab_size)[0] + args.head_layers * width ** 2, ae_size(args, vocab_size)[0]
+
+
 def calm_build(gcfg, args):
     return calm.CALM(gcfg, fields_of(calm.AEConfig, args), fields_of(calm.HeadConfig, args),
                      lambda d, l: make_head(d, args))
@@ -237,6 +297,9 @@ def calm_check(args, data):
                         f"head's own samples), got {args.num_samples}")
     if args.temp_sampler not in ("batch", "exact"):
         raise UserError(f"--temp_sampler must be 'batch' or 'exact', got {args.temp_sampler!r}")
+    if "eval_noise" in typed(args):  # CALM reports its autoencoder's clean accuracy only
+        raise UserError("--eval_noise is a flag of --objective autoencoder (its noisy reconstruction metric), not of "
+                        "--objective calm")
 
 
 def autoencoder_dir(args):
@@ -258,57 +321,66 @@ def autoencoder_mismatch(saved, args, keys):
     """The first of `keys` on which an autoencoder checkpoint's args differ from this run's, as text, or None."""
     for k in keys:
         if saved.get(k) != getattr(args, k):
-            return f"{k}={saved.get(k)!r} (this run: {getattr(args, k)!r})"
+            return f"was made with {k}={saved.get(k)!r} (this run: {getattr(args, k)!r})"
     return None
 
 
 def calm_prepare(args):
     """CALM trains on a finished autoencoder of its own data, tokenizer and chunk size: --autoencoder PATH, or
     <out_dir>/autoencoder, which is trained first when absent, resumed to its end when unfinished, and refused
-    (unless --overwrite retrains it) when it was made for other data or settings. Returns (stages, args)."""
+    (unless --overwrite retrains it) when it was made for other data or settings, or cannot be read. Returns
+    (stages, args, note); nothing is printed here, since a later check may still refuse the command."""
     if args.resume:                                                  # the autoencoder is inside the checkpoint
-        return [], args
+        return [], args, None
+    own = args.autoencoder is None
+    if not own and "ae_iters" in typed(args):
+        raise UserError("--ae_iters is for the autoencoder that train.py trains first; with --autoencoder PATH none "
+                        "is trained: leave one of them out")
     path = args.autoencoder or os.path.join(autoencoder_dir(args), "ckpt.pt")
     resolved = copy.copy(args)
     resolved.autoencoder = path
-    if not os.path.exists(path):
-        if args.autoencoder is not None:
+    if not os.path.lexists(path):
+        if not own:
             raise UserError(f"no autoencoder at {path}: train one with --objective autoencoder, or leave out "
                             f"--autoencoder and train.py trains one first")
-        print(f"calm: training the autoencoder first, into {path} (no --autoencoder given)")
-        return [autoencoder_flags(args)], resolved
-    ckpt = load_checkpoint(path)
+        return [autoencoder_flags(args)], resolved, f"calm: training the autoencoder first, into {path}"
+    try:
+        ckpt = load_checkpoint(path)
+    except UserError as e:
+        if own and args.overwrite:
+            return [autoencoder_flags(args, overwrite=True)], resolved, f"calm: retraining the autoencoder: {e}"
+        raise UserError(f"{e}; pass --overwrite to retrain it there" if own else str(e)) from None
     saved = ckpt["args"]
     if ckpt["objective"] != "autoencoder":
         raise UserError(f"{path} is a {ckpt['objective']!r} checkpoint, not an autoencoder")
     finished = ckpt.get("finished", ckpt.get("iter") == saved.get("max_iters"))
-    if args.autoencoder is not None:                                 # named by the user: it must fit and be done
-        wrong = autoencoder_mismatch(saved, args, ["dataset", "tokenizer", "chunk_size", "latent_dim"] +
-                                     [k for k in AE_KEYS if k in typed(args)])
+    bad = first_non_finite(ckpt["model"], "")
+    keys = ["dataset", "tokenizer"] + (AE_KEYS if own else ["chunk_size", "latent_dim"] +
+                                       [k for k in AE_KEYS if k in typed(args)])
+    wrong = f"has the non-finite weight {bad}" if bad else autoencoder_mismatch(saved, args, keys)
+    if not own:                                                       # named by the user: it must fit and be done
         if wrong is None and not finished:
             raise UserError(f"the autoencoder {path} is unfinished (iteration {ckpt.get('iter')} of "
                             f"{saved.get('max_iters')}): resume it with --objective autoencoder --resume first")
     else:                                                             # our own: made by this command's settings
-        wrong = autoencoder_mismatch(saved, args, ["dataset", "tokenizer"] + AE_KEYS)
         if wrong is None and saved.get("max_iters") != args.ae_iters:
-            wrong = f"{saved.get('max_iters')} iterations (this run: --ae_iters {args.ae_iters})"
+            wrong = f"was made for {saved.get('max_iters')} iterations (this run: --ae_iters {args.ae_iters})"
         if wrong is None and not finished:
             wrong = autoencoder_mismatch(saved, args, ["seed", "block_size", "batch_size"])
             if wrong is None:
-                print(f"calm: resuming the unfinished autoencoder at {path} (iteration {ckpt.get('iter')} of "
-                      f"{args.ae_iters})")
-                return [autoencoder_flags(args, resume=True)], resolved
+                return [autoencoder_flags(args, resume=True)], resolved, (
+                    f"calm: resuming the unfinished autoencoder at {path} (iteration {ckpt.get('iter')} of "
+                    f"{args.ae_iters})")
     if wrong is not None:
-        if args.autoencoder is None and args.overwrite:
-            print(f"calm: retraining the autoencoder at {path}: it was made with {wrong}")
-            return [autoencoder_flags(args, overwrite=True)], resolved
-        how = ("pass --overwrite to retrain it there, or choose another --out_dir" if args.autoencoder is None else
+        if own and args.overwrite:
+            return [autoencoder_flags(args, overwrite=True)], resolved, (
+                f"calm: retraining the autoencoder at {path}: it {wrong}")
+        how = ("pass --overwrite to retrain it there, or choose another --out_dir" if own else
                "train one for this run with --objective autoencoder")
-        raise UserError(f"the autoencoder {path} was made with {wrong}: {how}")
+        raise UserError(f"the autoencoder {path} {wrong}: {how}")
     for k in AE_KEYS:                                                # this run describes the autoencoder it uses
         setattr(resolved, k, saved[k])
-    print(f"calm: reusing the finished autoencoder at {path}")
-    return [], resolved
+    return [], resolved, f"calm: reusing the finished autoencoder at {path}"
 
 
 def calm_init(model, args):
@@ -359,7 +431,8 @@ def calm_draw(model, ctx, n_tokens, generator, args, temperature=1.0):
 CALM = Objective("calm", build=calm_build, loss=lambda model, x, y, args: (calm.calm_loss(model, x), {}),
                  generate=calm_generate, configs=(calm.AEConfig, AEFlags, calm.HeadConfig, ComparisonConfig,
                                                   CALMFlags),
-                 evaluate=calm_evaluate, draw=calm_draw, check=calm_check, prepare=calm_prepare, init=calm_init,
+                 evaluate=calm_evaluate, draw=calm_draw, check=calm_check, size=calm_size, prepare=calm_prepare,
+                 init=calm_init,
                  param_groups=calm_param_groups, presets={"cpu": RECIPE}, default_tokenizer="bytes",
                  default_temperature=1.0, min_lr_ratio=1.0)
 
@@ -468,7 +541,10 @@ def load_model(ckpt_path, device="cpu"):
     objective = get_objective(ckpt["objective"])
     check_saved_args(ckpt_path, ckpt["args"], objective)
     saved = SimpleNamespace(**ckpt["args"])
-    tokenizer = get_tokenizer(saved.tokenizer)
+    try:
+        tokenizer = get_tokenizer(saved.tokenizer)
+    except DownloadError as e:  # offline, and the GPT-2 BPE was never cached
+        raise UserError(f"{ckpt_path} needs the {saved.tokenizer} tokenizer: {e}; connect once to cache it") from None
     try:
         model = objective.build(gpt_config(saved, tokenizer.vocab_size), saved)
         model.load_state_dict(ckpt["model"])

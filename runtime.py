@@ -4,13 +4,16 @@
   command line    OneLineParser: every error is one line; every int/float flag is checked against NUMBER_RULES
                   (a new flag is covered without writing anything); args.typed = the flags the user typed;
                   to_argv: a dict of flags back into a command line; pick_device: 'auto', or a device that exists
-  checkpoints     save_checkpoint: atomic, and never with a NaN or infinite number inside;
-                  load_checkpoint: torch.load(weights_only=True), so a checkpoint cannot run code
+  checkpoints     save_checkpoint: atomic, never with a NaN or infinite number inside, and a failed write (a full
+                  disk) is a one-line UserError; load_checkpoint: torch.load(weights_only=True), so a checkpoint
+                  cannot run code
   out_dir lock    OutDirLock: an OS lock (flock) on <out_dir>/.lock, released by the OS when the holder dies
+  memory          available_memory: what a device has free (MemAvailable on CPU, mem_get_info on CUDA)
   progress        Progress: 'what: done/total | rate | ETA' on stderr for long loops
   statistics      mean_se, pearson, spearman (the one implementation every experiment and figure uses)
 """
 import argparse
+import contextlib
 import math
 import os
 import pickle
@@ -71,7 +74,13 @@ class Typed(argparse.Action):
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one-line UserErrors, whose int/float flags are checked (check_number), and
-    whose result carries args.typed, the flags given on the command line."""
+    whose result carries args.typed, the flags given on the command line. A negative number in any notation
+    (-1e-3, -inf) is a value, not a flag, so that its rule can say what is wrong with it."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$",
+                                                   re.IGNORECASE)
 
     def add_argument(self, *names, **kw):
         if "action" not in kw and names and names[0].startswith("-"):
@@ -136,6 +145,8 @@ NUMPY_GLOBALS = [getattr(np, "_core", getattr(np, "core", None)).multiarray._rec
 
 def load_checkpoint(path, map_location="cpu"):
     """A checkpoint dict, loaded with weights_only=True: a file that needs anything else is refused unread."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory, not a checkpoint: give the path of its ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
     try:
@@ -175,40 +186,67 @@ def first_non_finite(tree, name="checkpoint"):
 
 
 def save_checkpoint(path, state):
-    """Write atomically (a crash mid-write never leaves a broken file), and never a NaN or infinity."""
+    """Write atomically (a crash mid-write never leaves a broken file), and never a NaN or infinity. A write that
+    fails (a full disk: torch reports it from its inline_container.cc) leaves the file at `path` as it was and
+    raises a one-line UserError."""
     bad = first_non_finite(state, "")
     if bad:
         raise UserError(f"not saving {path}: {bad} is not finite")
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed: is the disk full?"
+        raise UserError(f"could not write {path} ({why})") from None
 
 
 # ----------------------------------------------------------------------------- one training per out_dir
 
 class OutDirLock:
     """Hold an exclusive OS lock (fcntl.flock) on <out_dir>/.lock while a run writes there. The OS drops it when
-    the holder exits or is killed, so there is no stale lock to clean; a second run gets a one-line error."""
+    the holder exits or is killed, so there is no stale lock to clean; a second run gets a one-line error. The
+    holder removes the file when it is done (while still holding it; a run that opened the old file sees that
+    and locks the new one), so a finished run leaves no .lock behind."""
 
     def __init__(self, out_dir):
-        os.makedirs(out_dir, exist_ok=True)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --out_dir {out_dir} ({e.strerror}): choose another --out_dir") from None
         self.path, self.fd = os.path.join(out_dir, ".lock"), None
         if fcntl is None:
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 64).decode(errors="replace").strip()
-            os.close(fd)
-            raise UserError(f"{out_dir} is in use by another training run{f' (pid {holder})' if holder else ''}: "
-                            f"wait for it, stop it, or choose another --out_dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
+        while self.fd is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"cannot write in --out_dir {out_dir} ({e.strerror}): choose another --out_dir") \
+                    from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 64).decode(errors="replace").strip()
+                os.close(fd)
+                raise UserError(f"{out_dir} is in use by another training run{f' (pid {holder})' if holder else ''}: "
+                                f"wait for it, stop it, or choose another --out_dir") from None
+            try:
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:  # its holder removed it after we opened it: lock the file there now
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self.fd = fd
 
     def release(self):
         if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)  # still locked: nobody else holds this file
             os.close(self.fd)  # closing the descriptor releases the lock
             self.fd = None
 
@@ -217,6 +255,25 @@ class OutDirLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+# ----------------------------------------------------------------------------- memory
+
+def available_memory(device):
+    """(bytes free for a run on `device`, where that number comes from), or None where it cannot be known (MPS,
+    or a CPU without /proc/meminfo)."""
+    if device.startswith("cuda"):  # free on the GPU, and what this process's allocator holds unused (earlier runs)
+        d = torch.device(device)
+        cached = torch.cuda.memory_reserved(d) - torch.cuda.memory_allocated(d)
+        return torch.cuda.mem_get_info(d)[0] + cached, f"{device} (torch.cuda.mem_get_info)"
+    if device != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return kb * 1024, "this machine (MemAvailable in /proc/meminfo)"
 
 
 # ----------------------------------------------------------------------------- progress lines

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from gpt import Block
-from objectives import load_model
+from objectives import finite_probabilities, load_model
 from runtime import OneLineParser, Progress, UserError, pick_device
 
 
@@ -53,12 +53,25 @@ def make_parser():
     return parser
 
 
+def check_flags(args, objective):
+    """A flag typed for another kind of checkpoint is an error, not silently ignored."""
+    if args.speculative and objective.name != "mtp":
+        raise UserError(f"--speculative needs a multi-token (mtp) checkpoint; this one is {objective.name}")
+    if args.temp_sampler is not None and objective.name != "calm":
+        raise UserError(f"--temp_sampler is for calm checkpoints (their temperature is likelihood-free); this one "
+                        f"is {objective.name}: leave it out")
+    if "top_k" in args.typed and objective.name == "calm":
+        raise UserError("--top_k does not apply to a calm checkpoint (it samples vectors, not tokens): use "
+                        "--temperature")
+
+
 def main(argv=None):
     parser = make_parser()
     try:
         args = parser.parse_args(argv)  # every number checked (runtime.NUMBER_RULES): top_k >= 1, finite T >= 0
         device = pick_device(args.device)
         model, objective, saved, tokenizer = load_model(args.ckpt, device)
+        check_flags(args, objective)
         if args.temperature is None:
             args.temperature = objective.default_temperature
         for k in ("max_new_tokens", "temperature", "top_k", "speculative", "temp_sampler"):
@@ -80,7 +93,8 @@ def main(argv=None):
             hook = None if args.speculative else count_steps(
                 model, lambda n: progress(i * args.max_new_tokens + n), getattr(model, "K", 1), args.max_new_tokens)
             try:
-                out = objective.generate(model, idx, saved, generator)
+                with finite_probabilities(args.ckpt):
+                    out = objective.generate(model, idx, saved, generator)
             finally:
                 if hook is not None:
                     hook.remove()

@@ -12,7 +12,7 @@ import sys
 import brierlm
 from data import load_data
 from gpt import GPT
-from objectives import brier_scores, load_model
+from objectives import brier_scores, finite_probabilities, load_model
 from runtime import OneLineParser, Progress, UserError, pick_device
 
 
@@ -52,8 +52,9 @@ def main(argv=None):
             raise UserError("--exact needs a model with next-token probabilities (a plain GPT, e.g. ntp)")
         ctx_len = brierlm.context_length(saved.block_size, getattr(model, "K", 1))
         data = load_data(saved.dataset, saved.tokenizer)
-        r = brier_scores(model, objective, data, saved, n, a.seed, a.split, variance_reduced=a.exact,
-                         progress=Progress("BrierLM", n, "positions"))
+        with finite_probabilities(a.ckpt):
+            r = brier_scores(model, objective, data, saved, n, a.seed, a.split, variance_reduced=a.exact,
+                             progress=Progress("BrierLM", n, "positions"))
         print(f"{a.ckpt}: {n} positions of {data.name}/{a.split}, seed {a.seed}, context {ctx_len}")
         rows = [("sampled (two-sample)", r["sampled"])] + ([("variance-reduced", r["reduced"])] if a.exact else [])
         for name, e in rows:

@@ -3,7 +3,8 @@
     main(argv)       parse the flags -> plan the stages -> train each stage, in that order
     parse_args       every flag: TrainConfig, GPTConfig and the objective's own (objectives.py), by preset
     plan             the stages of one command ([(args, objective)]: CALM trains its autoencoder first); every
-                     flag of every stage is checked here, before anything trains or writes
+                     flag, file and size of every stage is checked here (check_stage), before anything trains or
+                     writes; warnings and what was decided are printed once every check has passed
     train            one stage: the out_dir lock, then fit
     fit              resume or start -> the loop (train_steps) -> a sample; a checkpoint at every evaluation
     run / run_quietly  main(flags) for notebooks and bench/ (quietly: the progress lines captured)
@@ -29,8 +30,8 @@ import brierlm
 from data import load_data
 from gpt import GPTConfig
 from objectives import brier_scores, get_objective, gpt_config, model_keys
-from runtime import (OneLineParser, OutDirLock, UserError, duration, first_non_finite, load_checkpoint, parse_bool,
-                     pick_device, save_checkpoint, to_argv)
+from runtime import (OneLineParser, OutDirLock, Progress, UserError, available_memory, duration, first_non_finite,
+                     load_checkpoint, parse_bool, pick_device, save_checkpoint, to_argv)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -116,46 +117,131 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- the plan: checks before any work
 
-LONG_BLOCK = 4096  # above this, warn with the cost: attention grows with block_size^2
+LONG_BLOCK = 4096      # above this, warn with the cost: attention grows with block_size^2
+SLOW_ITERATION = 3600  # seconds at 0.1 TFLOP/s: warn when one iteration (and so the first progress line) takes longer
+
+
+def rank0():
+    """Whether this process speaks for the run: the only one, or rank 0 under torchrun."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def process_device(name):
+    """The device of this process: pick_device(name), and under torchrun 'cuda' is the GPU of its local rank."""
+    device = pick_device(name)
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return device
 
 
 def plan(args, objective):
     """The stages of this command, [(args, objective)], the last one what was asked for (CALM: its autoencoder
     first, when it must be trained). The data is loaded (which fixes the dataset and tokenizer after any offline
-    fallback) and every stage's flags are checked, so bad input stops here: nothing trained, nothing written."""
+    fallback) and every stage's flags are checked, so bad input stops here: nothing trained, nothing written.
+    What was decided and the warnings are printed only then, so a refused command prints its error alone."""
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and os.path.isfile(ckpt_path):  # the checkpoint says which data and tokenizer
         args = resumed_args(args, load_checkpoint(ckpt_path), objective)[0]
     data = load_data(args.dataset, args.tokenizer or objective.default_tokenizer)
     args = copy.copy(args)
     args.dataset, args.tokenizer = data.name, data.tokenizer.name  # what is really used (after any fallback)
-    before, args = objective.prepare(args) if objective.prepare else ([], args)
+    before, args, note = objective.prepare(args) if objective.prepare else ([], args, None)
     stages = [parse_args(to_argv(flags)) for flags in before] + [(args, objective)]
-    for stage_args, stage_objective in stages:
-        check_stage(stage_args, stage_objective, data)
+    warnings = [w for stage_args, stage_objective in stages for w in check_stage(stage_args, stage_objective, data)]
+    if rank0():
+        if note:
+            print(note)
+        for w in warnings:
+            print(f"WARNING: {w}", file=sys.stderr)
     return stages, data
 
 
 def check_stage(args, objective, data):
-    pick_device(args.device)
+    """Every rule on one stage: device, out_dir and its files, --resume, sizes against the data and the memory, and
+    the objective's own check. Raises a UserError; returns the warnings (a run that still makes sense)."""
+    device = process_device(args.device)
+    check_out_dir(args.out_dir)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UserError(f"--out_dir {args.out_dir} exists and is not a directory")
     if args.resume and args.overwrite:
         raise UserError("--resume continues a checkpoint and --overwrite replaces it: pass one of them")
     if args.resume and not os.path.exists(ckpt_path):
         raise UserError(f"--resume: nothing to resume, no checkpoint at {ckpt_path}")
     if args.resume:  # the model's settings come from the checkpoint: check those
-        args, _ = resumed_args(args, load_checkpoint(ckpt_path), objective)
+        args = read_resumable(ckpt_path, args, objective)[1]
     if not args.resume and os.path.exists(ckpt_path) and not args.overwrite:
         raise UserError(f"{ckpt_path} exists: pass --resume to continue it, --overwrite to replace it, "
                         f"or choose another --out_dir")
     if args.min_lr > args.learning_rate:
         raise UserError(f"--min_lr {args.min_lr} is above --learning_rate {args.learning_rate}: the decay would "
                         f"raise the rate")
-    data.random_offsets("val", 1, args.block_size, torch.Generator())  # block_size larger than the data: an error
+    for split in ("train", "val"):  # block_size larger than the data: an error (own generator: no seeded draw)
+        data.random_offsets(split, 1, args.block_size, torch.Generator())
+    if args.brier_positions > 0 and objective.language_model:  # BrierLM at every evaluation: its windows fit
+        ctx_len = brierlm.context_length(args.block_size, getattr(args, "chunk_size", 1))
+        brierlm.eval_windows(data, "val", args.brier_positions, ctx_len, torch.Generator())
     if objective.check is not None:
         objective.check(args, data)
+    trainable, frozen = objective.size(args, data.vocab_size)
+    check_memory(args, device, trainable, frozen, data.vocab_size)
+    warnings = []
+    if args.warmup_iters >= args.max_iters and not args.resume:
+        warnings.append(f"{args.objective}: the warm-up (--warmup_iters {args.warmup_iters}) is not shorter than the "
+                        f"run (--max_iters {args.max_iters}): the learning rate never reaches {args.learning_rate}")
+    elif args.lr_decay_iters < args.warmup_iters:
+        warnings.append(f"{args.objective}: the decay ends (--lr_decay_iters {args.lr_decay_iters}) before the "
+                        f"warm-up does (--warmup_iters {args.warmup_iters}): the rate drops to --min_lr right after it")
+    return warnings + cost_warnings(args, trainable + frozen, data.vocab_size)
+
+
+def check_out_dir(out_dir):
+    """out_dir is a directory this run can write in, or one it can create (its nearest existing parent is); the
+    files the run writes there, if present, are files."""
+    existing = os.path.abspath(out_dir)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "exists" if existing == os.path.abspath(out_dir) else f"is under {existing}, which exists"
+        raise UserError(f"--out_dir {out_dir} {where} and is not a directory: choose another --out_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out_dir {out_dir}: {existing} is not writable (read-only, or not yours): choose "
+                        f"another --out_dir")
+    for name in ("ckpt.pt", "ckpt.pt.tmp", ".lock"):
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise UserError(f"{path} is not a file (this run writes that name): move it away, or choose another "
+                            f"--out_dir")
+
+
+def check_memory(args, device, trainable, frozen, vocab_size):
+    """Refuse, before anything is allocated, a run whose weights, gradients and AdamW state (16 bytes a trainable
+    parameter, 4 a frozen one) and (batch, block, vocab) logits (12 bytes each: logits, softmax, gradient) exceed
+    the memory the device has free."""
+    free = available_memory(device)
+    weights = 16 * trainable + 4 * frozen
+    logits = 12 * args.batch_size * args.block_size * vocab_size
+    if free is None or weights + logits <= free[0]:
+        return
+    lower = ("the model's sizes (--n_layer, --n_embd, ...)" if weights > logits else "--batch_size or --block_size")
+    raise UserError(f"this run needs ~{(weights + logits) / 2**30:,.3g} GiB ({trainable + frozen:.3g} parameters: "
+                    f"{weights / 2**30:,.3g} GiB with gradients and AdamW state; logits {logits / 2**30:,.3g} GiB), "
+                    f"but {free[1]} has {free[0] / 2**30:,.1f} GiB free: lower {lower}")
+
+
+def cost_warnings(args, n_params, vocab_size):
+    """A long block (attention grows with block_size^2) or an iteration that takes very long: its cost."""
+    tokens_per_iter = args.batch_size * args.block_size * args.grad_accum * int(os.environ.get("WORLD_SIZE", 1))
+    attention = 6 * args.n_layer * args.block_size * args.n_embd    # per token, causal, forward + backward
+    flops = tokens_per_iter * (6 * n_params + attention)
+    if args.block_size > LONG_BLOCK:
+        logits_gb = 3 * args.batch_size * args.block_size * vocab_size * 4 / 1e9  # (B, T, V) logits, softmax, grad
+        return [f"--block_size {args.block_size}: attention grows with block_size^2; one iteration is "
+                f"~{flops:.1e} FLOPs ({attention / (6 * n_params + attention):.0%} attention, "
+                f"{duration(flops / 1e11)} at 0.1 TFLOP/s) and its logits take ~{logits_gb:.1f} GB; "
+                f"the first progress line gives the ETA"]
+    if flops / 1e11 > SLOW_ITERATION:
+        return [f"one iteration is ~{flops:.1e} FLOPs ({duration(flops / 1e11)} at 0.1 TFLOP/s): the first progress "
+                f"line comes after it; lower --grad_accum, --batch_size or --block_size for a quicker one"]
+    return []
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -227,6 +313,8 @@ def evaluate(model, objective, data, args, ctx):
     objective's own metrics, and BrierLM at brier_positions held-out positions."""
     model.eval()
     out = {}
+    progress = Progress("evaluating", 2 * args.eval_iters, "batches") if rank0() else (lambda done: None)
+    done = 0  # a long evaluation (--eval_iters) shows its progress and ETA
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(args.seed + 1)
         losses = []
@@ -234,6 +322,8 @@ def evaluate(model, objective, data, args, ctx):
             x, y = data.get_batch(split, args.batch_size, args.block_size, gen, args.device)
             with ctx:
                 losses.append(objective.loss(model, x, y, args)[0].item())
+            done += 1
+            progress(done)
         out[f"{split}_loss"] = sum(losses) / len(losses)
     if objective.evaluate is not None:
         out.update(objective.evaluate(model, data, args))
@@ -263,19 +353,6 @@ def all_reduce_grads(model, world):
         g.copy_(chunk.view_as(g))
 
 
-def warn_long_block(args, model, vocab_size, tokens_per_iter):
-    if args.block_size <= LONG_BLOCK:
-        return
-    n_params = sum(p.numel() for p in model.parameters())
-    attention = 6 * args.n_layer * args.block_size * args.n_embd    # per token, causal, forward + backward
-    flops = tokens_per_iter * (6 * n_params + attention)
-    logits_gb = 3 * args.batch_size * args.block_size * vocab_size * 4 / 1e9  # (B, T, V) logits, softmax, grad
-    print(f"WARNING: --block_size {args.block_size}: attention grows with block_size^2; one iteration is "
-          f"~{flops:.1e} FLOPs ({attention / (6 * n_params + attention):.0%} attention, "
-          f"{duration(flops / 1e11)} at 0.1 TFLOP/s) and its logits take ~{logits_gb:.1f} GB; "
-          f"the first progress line gives the ETA", file=sys.stderr)
-
-
 class Saver:
     """Writes the run's checkpoint, and knows what a stop message may truthfully promise about it."""
 
@@ -299,7 +376,10 @@ class Saver:
         if bad:
             raise self.stopped(f"training diverged: {bad} is not finite at iteration {it}")
         if master:
-            save_checkpoint(self.path, state)
+            try:
+                save_checkpoint(self.path, state)
+            except UserError as e:  # the write failed (a full disk): the file on disk is still the last good one
+                raise self.stopped(str(e)) from None
         self.last_saved = it
 
 
@@ -323,9 +403,9 @@ def fit(args, objective, data, world, rank):
     if master and os.path.exists(ckpt_path + ".tmp"):  # we hold the lock: nobody else is writing it
         os.remove(ckpt_path + ".tmp")
         log(f"removed {ckpt_path}.tmp, a partial checkpoint left by an interrupted run")
-    saved, changed = (None, []) if not args.resume else read_resumable(ckpt_path, args, objective)
-    if saved is not None:
-        args = resumed_args(args, saved, objective)[0]
+    saved, changed = None, []
+    if args.resume:
+        saved, args, changed = read_resumable(ckpt_path, args, objective)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -357,8 +437,6 @@ def fit(args, objective, data, world, rank):
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"objective {args.objective} | data {data.name}/{data.tokenizer.name} | {n_params / 1e6:.2f}M trainable "
         f"params | device {args.device} | {world} process(es)")
-    if master:
-        warn_long_block(args, model, data.vocab_size, args.batch_size * args.block_size * args.grad_accum * world)
     saver, t0 = Saver(ckpt_path, args, objective, start if saved is not None else None), time.time()
     train_steps(model, optimizer, objective, data, args, ctx, batch_gen, saver, start, metrics, world, rank, log)
     log(f"done in {time.time() - t0:.0f}s; checkpoint {ckpt_path}")
@@ -368,7 +446,8 @@ def fit(args, objective, data, world, rank):
 
 
 def read_resumable(ckpt_path, args, objective):
-    """(the checkpoint to resume, the schedule flags that differ from its run); refused if it cannot go on."""
+    """(the checkpoint to resume, args with its model settings, the schedule flags that differ from its run);
+    refused if it cannot go on (check_stage calls it before any work, fit to resume)."""
     saved = load_checkpoint(ckpt_path)
     if [k for k in ("optimizer", "rng", "iter") if k not in saved] or not isinstance(saved["iter"], int):
         raise UserError(f"{ckpt_path} cannot be resumed: it lacks its optimizer, RNG state or iteration")
@@ -376,7 +455,10 @@ def read_resumable(ckpt_path, args, objective):
     if saved["iter"] > args.max_iters:
         raise UserError(f"--resume: {ckpt_path} is at iteration {saved['iter']}, past --max_iters {args.max_iters}; "
                         f"pass --max_iters above {saved['iter']} to train on, or --overwrite to start again")
-    return saved, changed
+    bad = first_non_finite({"model": saved["model"], "optimizer": saved["optimizer"]}, "")
+    if bad:  # train.py never writes one: made by hand or damaged, and not a good checkpoint to continue
+        raise UserError(f"{ckpt_path} cannot be resumed: its {bad} is not finite; start again with --overwrite")
+    return saved, args, changed
 
 
 def restore(saved, model, optimizer, batch_gen, ckpt_path):
@@ -421,7 +503,13 @@ def train_steps(model, optimizer, objective, data, args, ctx, batch_gen, saver, 
                 raise saver.stopped(f"loss is {loss_value} at iteration {it}")
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as e:  # the step size, learning rate x update, overflows float32
+                if "overflow" not in str(e):
+                    raise
+                raise saver.stopped(f"training diverged: the update of iteration {it} overflows; lower "
+                                    f"--learning_rate ({args.learning_rate})") from None
             optimizer.zero_grad(set_to_none=True)
             metrics["train_loss_last"] = loss_value
             if (it + 1) % args.log_interval == 0 or it == start:  # the first one too: a slow run shows its ETA
@@ -451,16 +539,19 @@ def print_sample(model, objective, data, args, ctx, log):
 # ----------------------------------------------------------------------------- the command
 
 def main(argv=None):
-    """parse -> plan (every check) -> train each stage. Bad input: one line 'error: ...' and exit 2."""
+    """parse -> plan (every check) -> train each stage. Bad input: one line 'error: ...' and exit 2 (under
+    torchrun every rank exits 2 and rank 0 alone prints the line)."""
     try:
         args, objective = parse_args(argv)
         stages, data = plan(args, objective)
         return run_stages(stages, data)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank0():
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint written is kept", file=sys.stderr)
+        if rank0():
+            print("interrupted: the last checkpoint written is kept", file=sys.stderr)
         sys.exit(130)
 
 
@@ -468,10 +559,9 @@ def run_stages(stages, data):
     """Train the stages in order under one set of processes, holding the last stage's out_dir lock throughout."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     final = stages[-1][0]
-    device = pick_device(final.device)
+    device = process_device(final.device)
     if world > 1:
-        if device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        if device.startswith("cuda"):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     lock = OutDirLock(final.out_dir) if rank == 0 else None  # one training per out_dir

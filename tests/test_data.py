@@ -104,3 +104,57 @@ def test_explicit_choices_fail_offline_with_advice(monkeypatch, tmp_path):
         data.load_data("shakespeare", "bytes")
     with pytest.raises(UserError, match="offline, use --tokenizer bytes"):
         data.load_data("pystdlib", "gpt2")
+
+
+# ----------------------------------------------------------------------------- synthetic tasks (MTP)
+
+def brute_force_guess_baseline(texts):
+    """For every recurring name's second character (an upper-case letter seen before, then its character), 1 over
+    the number of distinct characters that followed an upper-case letter earlier in the text; the mean."""
+    scores = []
+    for text in texts:
+        for j in range(1, len(text)):
+            if text[j - 1].isupper() and text[j - 1] in text[:j - 1]:
+                seconds = {text[i + 1] for i in range(j - 1) if text[i].isupper()}
+                scores.append(1 / len(seconds))
+    return sum(scores) / len(scores)
+
+
+def test_induction_guess_baseline_equals_a_brute_force_count_on_a_hand_made_batch():
+    texts = ["aA1bB2cA1dC3eB2", "xA1yA1zD4wA1", "K5mL6nK5oM7pL6qM7"]
+    # by hand: 'A1' again after {1, 2} seen: 1/2; 'B2' after {1, 2, 3}: 1/3 | 1/1, then 1/2 | 1/2, 1/3, 1/3
+    expected = (1 / 2 + 1 / 3 + 1 + 1 / 2 + 1 / 2 + 1 / 3 + 1 / 3) / 7
+    assert brute_force_guess_baseline(texts) == pytest.approx(expected)
+    tok = data.INDUCTION_TOKENIZER
+    scored = [[j for j in range(1, len(t)) if t[j - 1].isupper() and t[j - 1] in t[:j - 1]] for t in texts]
+    tokens, mask = data.encode_episodes(tok, 20, list(zip(texts, scored)))
+    assert data.induction_guess_baseline(tokens, mask) == pytest.approx(expected)
+    ds = data.load_data("induction:names=5,length=30")  # generated episodes: every name is introduced first
+    texts = [tok.decode(e[1:]).rstrip("_") for e in ds.episodes["val"][:200]]
+    assert data.induction_guess_baseline(ds.episodes["val"][:200], ds.scored["val"][:200]) == pytest.approx(
+        brute_force_guess_baseline(texts)) == pytest.approx(1 / 5)
+    assert ds.no_skill("val") == dict(chance=0.1, guess_seen=pytest.approx(0.2))
+
+
+def test_polynomial_no_skill_baselines():
+    ds = data.load_data("polynomial")
+    base = ds.no_skill("val")
+    assert base["chance"] == 7 ** -5 and base["chance_per_digit"] == 1 / 7
+    assert 1 / 7 <= base["common_digit_per_digit"] < 0.3 and base["common_digit"] < 0.01
+    answers = np.stack([e[s] for e, s in zip(ds.episodes["val"], ds.scored["val"])]) - ds.tokenizer.stoi["0"]
+    zeros = (answers == 0).mean()  # products make 0 the most common digit: the baseline predicts it everywhere
+    assert base["common_digit_per_digit"] == pytest.approx(zeros, abs=0.02)
+
+
+def test_configured_task_names_and_their_one_line_errors():
+    assert "polynomial:ops=+,m=1,ood=2" in data.TASKS and "induction" in data.TASKS and "poly" not in data.TASKS
+    ds = data.load_data("polynomial:ops=+,m=1,ood=2")
+    assert ds.E == 8 * 2 + 13 and set(ds.splits) == {"train", "val", "val:ood"}
+    assert all("+" in ds.tokenizer.decode(e) and "*" not in ds.tokenizer.decode(e) for e in ds.episodes["val"][:50])
+    for bad, message in [("polynomial:ops=", "non-empty set"), ("polynomial:m=2-3,ood=3", "more operations"),
+                         ("induction:names=1", "2 to 10 distinct names"), ("induction:names=x", "whole number"),
+                         ("polynomial:loss=some", "loss must be"), ("polynomial:m=0", "1 <= low")]:
+        with pytest.raises(UserError, match=message):
+            data.load_data(bad)
+    with pytest.raises(UserError, match="own tokenizer"):
+        data.load_data("induction", "bytes")

@@ -1,20 +1,26 @@
-"""The README's promises, attacked: bad input is one line (exit 2) and never touches a good checkpoint; non-finite
-weights or metrics are never saved and the message says truly what is kept; loading a checkpoint runs no code;
---resume sees what was typed; one training per out_dir; file: datasets that are not text; progress lines; and
-imports that flow one way (core <- runtime <- paper files <- train.py / sample.py)."""
+"""The reliability promises, attacked: bad input is one line (exit 2) before any work, and leaves every directory as
+it was (one table of command lines); non-finite weights or metrics are never saved, and a divergence, an overflow,
+running out of memory or a full disk stops with a message that says truly what is kept; under torchrun only rank 0
+speaks; an interrupted CALM quickstart never builds on its unfinished autoencoder; loading a checkpoint runs no
+code; --resume sees what was typed; one training per out_dir, no .lock left behind; file: datasets that are not
+text; caches that heal; sampling at T -> 0 returns; progress lines; and imports that flow one way (core <- runtime
+<- paper files <- train.py / sample.py)."""
 import ast
 import dataclasses
+import errno
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import calm
 import data
 import objectives
 import runtime
@@ -26,6 +32,7 @@ from gpt import GPTConfig
 from util import one_line_error
 
 ROOT = Path(__file__).resolve().parent.parent
+V1 = ROOT / "tests" / "data" / "checkpoints_v1"  # tiny checkpoints of every objective (test_old_checkpoints.py)
 TINY = ["--dataset", "shakespeare", "--tokenizer", "bytes", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
         "--block_size", "32", "--batch_size", "4", "--eval_iters", "2", "--brier_positions", "0",
         "--sample_tokens", "0", "--log_interval", "1", "--warmup_iters", "1", "--device", "cpu"]
@@ -66,23 +73,38 @@ def hand_made(tmp, name, **state):
 
 
 def bad_inputs(good_dir, tmp):
-    """(tool, argv, words the one-line error must contain): every input the issue listed, and a few more."""
+    """(tool, argv, words the one-line error must contain): every input the issues listed, and their kin."""
     ckpt = str(good_dir / "ckpt.pt")
     fresh = ["--out_dir", str(tmp / "fresh")]
     (tmp / "empty.txt").write_bytes(b"")
+    (tmp / "one_byte.txt").write_bytes(b"a")
     (tmp / "binary.bin").write_bytes(bytes(range(256)) * 64)
     (tmp / "latin1.txt").write_bytes("café naïve ".encode("latin-1") * 500)
+    (tmp / "a_file").write_text("not a directory")
+    for name in ("ckpt.pt", "ckpt.pt.tmp", ".lock"):  # a directory where the run writes a file
+        (tmp / f"dir_{name}" / name).mkdir(parents=True)
     weights = torch.load(ckpt, weights_only=True)
     no_objective = hand_made(tmp, "no_objective", model=weights["model"], args=weights["args"])
     bad_args = hand_made(tmp, "bad_args", model=weights["model"], objective="ntp",
                          args={**weights["args"], "n_layer": "two"})
+    nan = {**weights, "model": {**weights["model"], "wte.weight": weights["model"]["wte.weight"] * float("nan")}}
+    (tmp / "nan").mkdir()
+    torch.save(nan, tmp / "nan" / "ckpt.pt")
+    w = weights["model"]["wte.weight"]  # finite, but so large that the logits overflow
+    huge = hand_made(tmp, "huge", **{**weights, "model": {**weights["model"], "wte.weight": w * 3e38 / w.abs().max(),
+                                                          "lm_head.weight": w * 3e38 / w.abs().max()}})
+    calm_ckpt, ae_ckpt = str(V1 / "calm.pt"), str(V1 / "autoencoder.pt")
     cuda = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
-    return [
+    calm = TINY + fresh + ["--objective", "calm"]
+    autoencoder = ["--objective", "autoencoder", "--dataset", "shakespeare", "--block_size", "32", "--device", "cpu"]
+    cases = [
         (train.main, TINY + fresh + ["--eval_interval", "0"], "--eval_interval must be at least 1"),
         (train.main, TINY + fresh + ["--log_interval", "0"], "--log_interval must be at least 1"),
         (train.main, TINY + fresh + ["--n_head", "0"], "--n_head must be at least 1"),
         (train.main, TINY + fresh + ["--n_embd", "0"], "--n_embd must be at least 1"),
         (train.main, TINY + fresh + ["--learning_rate", "-1"], "--learning_rate must be >= 0"),
+        (train.main, TINY + fresh + ["--learning_rate", "-1e-3"], "--learning_rate must be >= 0, got -0.001"),
+        (train.main, TINY + fresh + ["--weight_decay", "-inf"], "--weight_decay must be a finite number >= 0"),
         (train.main, TINY + fresh + ["--dropout", "1.5"], "--dropout must be in [0, 1)"),
         (train.main, TINY + fresh + ["--min_lr", "nan"], "--min_lr must be a finite number"),
         (train.main, TINY + fresh + ["--learning_rate", "inf"], "--learning_rate must be a finite number"),
@@ -91,36 +113,95 @@ def bad_inputs(good_dir, tmp):
         (train.main, TINY + fresh + ["--device", cuda], f"--device {cuda}"),
         (train.main, TINY + fresh + ["--device", "gpu"], "unknown --device 'gpu'"),
         (train.main, TINY + fresh + ["--dataset", f"file:{tmp / 'empty.txt'}"], "dataset file is empty"),
+        (train.main, TINY + fresh + ["--dataset", f"file:{tmp / 'one_byte.txt'}"], "larger than the 'train' split"),
         (train.main, TINY + fresh + ["--dataset", f"file:{tmp / 'binary.bin'}"], "is binary, not text"),
         (train.main, TINY + fresh + ["--dataset", f"file:{tmp / 'latin1.txt'}"], "not UTF-8 text (1,000 invalid"),
+        (train.main, TINY + fresh + ["--dataset", f"file:{tmp}"], "is a directory; give a text file"),
+        (train.main, TINY + fresh + ["--dataset", f"file:{tmp / 'missing.txt'}"], "dataset file not found"),
+        (train.main, TINY + fresh + ["--dataset", f"file:{os.devnull}"], "is not a regular file"),
+        (train.main, TINY + fresh + ["--dataset", "shakespeare+polynomial"], "'polynomial' cannot be part of a mix"),
+        (train.main, TINY + fresh + ["--tokenizer", "induction"], "--tokenizer induction is the tokenizer of"),
+        (train.main, TINY + fresh + ["--tokenizer", "sentencepiece"], "unknown tokenizer 'sentencepiece'"),
+        (train.main, TINY + fresh + ["--block_size", "100000000"], "is larger than the 'train' split"),
+        (train.main, TINY + fresh + ["--brier_positions", "100000000"], "GiB of windows"),
+        (train.main, TINY + fresh + ["--brier_positions", "8", "--block_size", "4"], "BrierLM needs block_size >= 5"),
+        (train.main, TINY + fresh + ["--resume", "--overwrite"], "pass one of them"),
+        (train.main, TINY + fresh + ["--min_lr", "0.5"], "--min_lr 0.5 is above --learning_rate"),
+        (train.main, TINY + fresh + ["--temp_sampler", "exact"], "unrecognized arguments: --temp_sampler"),
+        (train.main, TINY + fresh + ["--objective", "mtp", "--n_future", "3"], "--n_future 3 needs --n_layer >= 3"),
+        (train.main, TINY + ["--out_dir", str(tmp / "a_file")], "exists and is not a directory"),
+        (train.main, TINY + ["--out_dir", os.devnull], "exists and is not a directory"),
+        (train.main, TINY + ["--out_dir", str(tmp / "a_file" / "sub")], "which exists and is not a directory"),
+        (train.main, TINY + ["--out_dir", str(tmp / "dir_ckpt.pt"), "--overwrite"], "ckpt.pt is not a file"),
+        (train.main, TINY + ["--out_dir", str(tmp / "dir_ckpt.pt.tmp")], "ckpt.pt.tmp is not a file"),
+        (train.main, TINY + ["--out_dir", str(tmp / "dir_.lock")], ".lock is not a file"),
         (train.main, TINY + ["--out_dir", str(good_dir), "--max_iters", "4"], "exists: pass --resume"),
         (train.main, TINY + ["--out_dir", str(good_dir), "--resume", "--max_iters", "1"], "past --max_iters 1"),
         # typed flags that equal the defaults (4 x 128) but not the checkpoint (2 x 32)
         (train.main, TINY[:4] + ["--out_dir", str(good_dir), "--resume", "--max_iters", "4", "--n_layer", "4",
                                  "--n_embd", "128"], "checkpoint has n_layer=2 but --n_layer 4 was given"),
         (train.main, TINY + ["--out_dir", str(good_dir), "--resume", "--objective", "mtp"], "--objective ntp"),
+        (train.main, TINY + ["--out_dir", str(tmp / "nan"), "--resume", "--max_iters", "4"],
+         "wte.weight is not finite; start again with --overwrite"),
+        (train.main, calm + ["--head", "foo"], "--head must be one of energy, flow, diffusion, mse"),
+        (train.main, calm + ["--flow_steps", "5"], "--flow_steps is a flag of --head flow, not of --head energy"),
+        (train.main, calm + ["--num_samples", "1"], "--num_samples must be at least 2 for the energy head"),
+        (train.main, calm + ["--temp_sampler", "foo"], "--temp_sampler must be 'batch' or 'exact'"),
+        (train.main, calm + ["--chunk_size", "3"], "must be >= 1 and divide block_size=32"),
+        (train.main, calm + ["--autoencoder", str(tmp)], "is a directory, not a checkpoint"),
+        (train.main, calm + ["--autoencoder", calm_ckpt], "is a 'calm' checkpoint, not an autoencoder"),
+        (train.main, calm + ["--autoencoder", ae_ckpt, "--ae_iters", "5"], "with --autoencoder PATH none is trained"),
+        (train.main, calm + ["--eval_noise", "0.1"], "--eval_noise is a flag of --objective autoencoder"),
+        (train.main, autoencoder + fresh + ["--n_layer", "4"], "--n_layer shapes a Transformer"),
+        (train.main, autoencoder + fresh + ["--dropout", "0.1"], "--dropout shapes a Transformer"),
         (sample.main, ["--ckpt", ckpt, "--top_k", "0"], "--top_k must be at least 1, got 0"),
         (sample.main, ["--ckpt", ckpt, "--top_k", "-3"], "--top_k must be at least 1, got -3"),
         (sample.main, ["--ckpt", ckpt, "--temperature", "nan"], "--temperature must be a finite number"),
         (sample.main, ["--ckpt", ckpt, "--temperature", "-1"], "--temperature must be >= 0"),
+        (sample.main, ["--ckpt", ckpt, "--temperature", "-1e-30"], "--temperature must be >= 0"),
         (sample.main, ["--ckpt", ckpt, "--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
         (sample.main, ["--ckpt", ckpt, "--device", cuda], f"--device {cuda}"),
         (sample.main, ["--ckpt", no_objective], "it lacks objective"),
         (sample.main, ["--ckpt", bad_args], "n_layer='two', which is not of type int"),
         (sample.main, ["--ckpt", str(tmp / "missing.pt")], "no checkpoint at"),
+        (sample.main, ["--ckpt", str(tmp)], "is a directory, not a checkpoint"),
+        (sample.main, ["--ckpt", str(tmp / "nan" / "ckpt.pt")], "wte.weight is not finite"),
+        (sample.main, ["--ckpt", huge], "the model's probabilities are not finite"),
+        (sample.main, ["--ckpt", ckpt, "--temp_sampler", "exact"], "--temp_sampler is for calm checkpoints"),
+        (sample.main, ["--ckpt", calm_ckpt, "--speculative"], "--speculative needs a multi-token (mtp) checkpoint"),
+        (sample.main, ["--ckpt", calm_ckpt, "--top_k", "5"], "--top_k does not apply to a calm checkpoint"),
+        (sample.main, ["--ckpt", calm_ckpt, "--temperature", "1.5"], "CALM temperature must be in (0, 1]"),
+        (sample.main, ["--ckpt", ae_ckpt, "--speculative"], "this one is autoencoder"),
         (score.main, ["--ckpt", ckpt, "--positions", "1"], "--positions must be at least 2"),
         (score.main, ["--ckpt", ckpt, "--positions", "100000000"], "GiB of windows"),
         (score.main, ["--ckpt", no_objective], "it lacks objective"),
+        (score.main, ["--ckpt", str(tmp / "nan" / "ckpt.pt")], "wte.weight is not finite"),
+        (score.main, ["--ckpt", huge, "--positions", "8"], "the model's probabilities are not finite"),
+        (score.main, ["--ckpt", ckpt, "--split", "test"], "has no split 'test'"),
     ]
+    if runtime.available_memory("cpu") is not None:  # sizes that cannot fit: refused before any allocation
+        cases += [(train.main, TINY + fresh + flags, "GiB free") for flags in (
+            ["--n_embd", "1000000000"], ["--n_layer", "100000000"], ["--batch_size", "100000000"],
+            ["--objective", "calm", "--head_dim", "10000000"])]
+        cases.append((train.main, autoencoder + fresh + ["--ae_dim", "1000000000"], "GiB free"))
+    return cases
 
 
-def test_every_bad_input_is_one_line_and_leaves_the_good_checkpoint_alone(good, tmp_path, capsys):
+def files_under(*roots):
+    """{path: its bytes (None for a directory)} of everything under roots: what a refused command must not change."""
+    return {p: None if p.is_dir() else p.read_bytes() for root in roots for p in sorted(Path(root).rglob("*"))}
+
+
+def test_every_bad_input_is_one_line_and_leaves_every_out_dir_as_it_was(good, tmp_path, capsys):
+    """Each bad input: exit 2, exactly one line on stderr, 'error: ...', and no file, directory or .lock written
+    or changed anywhere (the good checkpoint included)."""
     good_dir, before = good
     for tool, argv, words in bad_inputs(good_dir, tmp_path):
+        files = files_under(good_dir, tmp_path)
         err = one_line_error(capsys, tool, argv)
         assert words in err, (argv, err)
-        assert (good_dir / "ckpt.pt").read_bytes() == before, argv
-    assert not (tmp_path / "fresh" / "ckpt.pt").exists()
+        assert files_under(good_dir, tmp_path) == files, argv
+    assert (good_dir / "ckpt.pt").read_bytes() == before and not (tmp_path / "fresh").exists()
 
 
 def test_the_real_command_lines_print_one_line_without_traceback(good):
@@ -130,6 +211,20 @@ def test_the_real_command_lines_print_one_line_without_traceback(good):
                               env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
         assert proc.returncode == 2 and proc.stdout == "", proc.stderr
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_under_torchrun_every_rank_exits_2_and_rank_0_alone_prints_the_line(tmp_path):
+    """No rank prints a traceback or a second copy of the line (torchrun then reports the failed ranks in its own
+    words, which no worker can silence)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+           str(ROOT / "train.py"), *TINY, "--n_head", "0", "--out_dir", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert [line for line in proc.stderr.splitlines() if "error:" in line] == ["error: --n_head must be at least 1, "
+                                                                               "got 0"]
+    assert re.search(r"exitcode\s*:\s*2", proc.stderr) and f'File "{ROOT}' not in proc.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def numeric_flags(parser):
@@ -197,6 +292,57 @@ def test_save_checkpoint_refuses_nan_weights_and_metrics(tmp_path):
         with pytest.raises(runtime.UserError, match="not finite"):
             runtime.save_checkpoint(str(tmp_path / "x.pt"), state)
         assert not (tmp_path / "x.pt").exists() and not (tmp_path / "x.pt.tmp").exists()
+
+
+def test_an_update_that_overflows_is_the_divergence_message_and_leaves_no_lock(tmp_path, capsys):
+    err = one_line_error(capsys, run, tmp_path, "--max_iters", "3", "--eval_interval", "3", "--learning_rate", "1e39",
+                         "--warmup_iters", "0", "--grad_clip", "0")
+    assert "training diverged: the update of iteration 0 overflows; lower --learning_rate" in err
+    assert kept_iteration(err) == 0 == runtime.load_checkpoint(str(tmp_path / "ckpt.pt"))["iter"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no .lock, no ckpt.pt.tmp
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file size limits")
+def test_a_full_disk_during_a_save_is_one_line_naming_the_kept_checkpoint(good, tmp_path):
+    """A real failed write: the run resumes the good checkpoint under a file size limit smaller than a checkpoint
+    (RLIMIT_FSIZE; Python ignores SIGXFSZ), so its first save fails inside torch.save as on a full disk."""
+    work = tmp_path / "full"
+    work.mkdir()
+    (work / "ckpt.pt").write_bytes(good[1])
+    code = ("import resource, sys, trainer; hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]; "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, hard)); trainer.main(sys.argv[1:])")
+    proc = subprocess.run([sys.executable, "-c", code, *TINY, "--out_dir", str(work), "--resume", "--max_iters", "4",
+                           "--eval_interval", "2"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"error: could not write {work / 'ckpt.pt'} (the write failed: is the disk full?)")
+    assert kept_iteration(proc.stderr) == 2 and "inline_container" not in proc.stderr
+    assert (work / "ckpt.pt").read_bytes() == good[1] and sorted(p.name for p in work.iterdir()) == ["ckpt.pt"]
+
+
+def test_a_read_only_out_dir_is_one_line_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)  # read-only for a normal user; root writes anyway, so tell os.access what a read-only mount says
+    real_access, real_open = os.access, os.open
+    if os.geteuid() == 0:
+        monkeypatch.setattr(os, "access", lambda path, mode, **k: Path(path) != ro and real_access(path, mode, **k))
+    try:
+        err = one_line_error(capsys, run, ro / "run", "--max_iters", "1")
+        assert f"{ro} is not writable" in err
+        monkeypatch.undo()
+        ro.chmod(0o755)
+
+        def erofs(path, *a, **k):  # the file system turns read-only between the checks and the lock
+            if str(path).endswith(".lock"):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+            return real_open(path, *a, **k)
+        monkeypatch.setattr(os, "open", erofs)
+        err = one_line_error(capsys, run, ro, "--max_iters", "2")
+        assert f"cannot write in --out_dir {ro} ({os.strerror(errno.EROFS)})" in err
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
 
 
 # ----------------------------------------------------------------------------- loading runs no code
@@ -318,6 +464,143 @@ def test_sample_on_an_autoencoder_shows_the_round_trip(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "reconstructs text" in captured.err and "input:  'ROMEO:'" in captured.out
     assert re.search(r"\d/6 tokens reconstructed", captured.out)
+
+
+# ----------------------------------------------------------------------------- an interrupted quickstart
+
+# python train.py --objective calm, in miniature: an autoencoder of 20 iterations (saved every 2), then CALM
+QUICKSTART = ["--objective", "calm", "--dataset", "shakespeare", "--block_size", "32", "--batch_size", "4",
+              "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--ae_iters", "20", "--max_iters", "1",
+              "--eval_interval", "1", "--eval_iters", "1", "--brier_positions", "0", "--sample_tokens", "0",
+              "--device", "cpu"]
+# train.py, killed (SIGKILL: no clean-up at all) right after the autoencoder saved its checkpoint at iteration N
+KILLED_AFTER_SAVE = """import os, signal, sys, trainer
+save, at = trainer.Saver.save, int(sys.argv.pop(1))
+def save_then_die(self, it, *a):
+    save(self, it, *a)
+    if self.args.objective == "autoencoder" and it == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+trainer.Saver.save = save_then_die
+trainer.main(sys.argv[1:])
+"""
+
+
+def test_an_interrupted_quickstart_never_builds_on_its_unfinished_autoencoder(tmp_path, capsys):
+    """Killed during the autoencoder: a changed command is refused before any work, and the same command resumes
+    the autoencoder to its end (exactly: the same weights and metrics as an uninterrupted run), and only then
+    trains CALM on it."""
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    proc = subprocess.run([sys.executable, "-c", KILLED_AFTER_SAVE, "10", *QUICKSTART, "--out_dir", str(killed)],
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    ae_path = killed / "autoencoder" / "ckpt.pt"
+    unfinished = ae_path.read_bytes()
+    ae = runtime.load_checkpoint(str(ae_path))
+    assert ae["iter"] == 10 and not ae["finished"] and not (killed / "ckpt.pt").exists()
+    other_text = tmp_path / "other.txt"
+    other_text.write_text("Another text, another autoencoder. " * 100)
+    for flags, words in ((["--dataset", f"file:{other_text}"], "dataset='shakespeare'"),
+                         (["--tokenizer", "gpt2"], "tokenizer='bytes'"), (["--seed", "7"], "seed=1337"),
+                         (["--ae_iters", "30"], "20 iterations")):
+        err = one_line_error(capsys, train.main, QUICKSTART + ["--out_dir", str(killed)] + flags)
+        assert words in err and "pass --overwrite to retrain it there" in err, err
+    assert ae_path.read_bytes() == unfinished and not (killed / "ckpt.pt").exists()
+    train.main(QUICKSTART + ["--out_dir", str(killed)])
+    assert "calm: resuming the unfinished autoencoder" in capsys.readouterr().out
+    train.main(QUICKSTART + ["--out_dir", str(whole)])
+    done, reference = (runtime.load_checkpoint(str(d / "autoencoder" / "ckpt.pt")) for d in (killed, whole))
+    assert done["finished"] and done["iter"] == 20 and done["metrics"] == reference["metrics"]
+    assert all(torch.equal(done["model"][k], reference["model"][k]) for k in reference["model"])
+    calm_run, calm_reference = (runtime.load_checkpoint(str(d / "ckpt.pt")) for d in (killed, whole))
+    assert all(torch.equal(calm_run["model"]["ae." + k], v) for k, v in done["model"].items())  # the finished one
+    assert calm_run["metrics"] == calm_reference["metrics"]
+    # the kill left both .lock files (harmless: the OS dropped the locks); the rerun removed them when it ended
+    assert not (killed / ".lock").exists() and not (killed / "autoencoder" / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------- caches heal
+
+def test_a_bad_cached_text_is_one_line_and_a_replaced_or_cut_cache_is_built_again(tmp_path, monkeypatch, capsys):
+    real = (data.cache_dir() / "shakespeare" / "input.txt").read_bytes()
+    monkeypatch.setenv("LMPAPERS_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "cache" / "shakespeare" / "input.txt"
+    text.parent.mkdir(parents=True)
+    for bad, words in ((b"", "is empty"), (b"\0\1\2 binary " * 100, "is binary")):
+        text.write_bytes(bad)
+        err = one_line_error(capsys, run, tmp_path / "o", "--max_iters", "1")
+        assert words in err and err.endswith("delete it and it is downloaded again")
+    assert not (tmp_path / "o").exists()
+    text.write_text("Not Shakespeare at all, but text. " * 100)  # a wrong text, tokenized and cached
+    wrong = data.load_data("shakespeare", "bytes")
+    text.write_bytes(real)  # replaced by the real one: its cache is not the wrong text's
+    right = data.load_data("shakespeare", "bytes")
+    assert right.built == ["shakespeare:train", "shakespeare:val"] and len(right.split("val")) > len(wrong.split("val"))
+    assert bytes(np.asarray(right.split("val"), dtype=np.uint8)) == real[len(real) - len(right.split("val")):]
+    cache = tmp_path / "cache" / "tokens" / f"{data.dataset_key('shakespeare')}.bytes.train.bin"
+    with open(cache, "r+b") as f:  # cut short mid-token
+        f.truncate(cache.stat().st_size - 1)
+    assert data.load_data("shakespeare", "bytes").built == ["shakespeare:train", "shakespeare:val"]
+
+
+def test_offline_runs_are_one_line_and_leave_no_out_dir(tmp_path, monkeypatch, capsys):
+    gpt2_ckpt = runtime.load_checkpoint(str(V1 / "ntp.pt"))
+    gpt2_ckpt["args"]["tokenizer"] = "gpt2"
+    torch.save(gpt2_ckpt, tmp_path / "gpt2.pt")
+    monkeypatch.setenv("LMPAPERS_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(data, "SHAKESPEARE_URL", "http://127.0.0.1:9/input.txt")  # connection refused
+
+    def no_bpe(self):
+        raise data.DownloadError("could not load the GPT-2 BPE (tiktoken r50k_base): ConnectionError")
+    monkeypatch.setattr(data.GPT2Tokenizer, "__init__", no_bpe)
+    err = one_line_error(capsys, run, tmp_path / "o", "--max_iters", "1")
+    assert "offline, use --dataset pystdlib" in err
+    err = one_line_error(capsys, train.main, ["--dataset", "pystdlib", "--tokenizer", "gpt2", "--out_dir",
+                                              str(tmp_path / "o")])
+    assert "offline, use --tokenizer bytes" in err and not (tmp_path / "o").exists()
+    err = one_line_error(capsys, sample.main, ["--ckpt", str(tmp_path / "gpt2.pt")])
+    assert "needs the gpt2 tokenizer: could not load the GPT-2 BPE" in err
+
+
+# ----------------------------------------------------------------------------- nothing loops without a bound
+
+def test_sampling_as_t_goes_to_0_returns_in_bounded_time(capsys):
+    """CALM's samplers at T -> 0 (down to the smallest float), both kinds, and token models (greedy below 1e-30)."""
+    def too_slow(*_):
+        raise TimeoutError("sampling did not return within 120 s")
+    previous = signal.signal(signal.SIGALRM, too_slow) if hasattr(signal, "SIGALRM") else None
+    if previous is not None:
+        signal.alarm(120)
+    try:
+        t0 = time.time()
+        never_twice = lambda m: torch.randint(1 << 30, (m, 4))  # noqa: E731 (a sampler whose values never repeat)
+        for T in (1e-3, 1e-30, 1e-320, 5e-324):
+            assert calm.sample_batch(never_twice, T).shape == (4,) and calm.sample_exact(never_twice, T) is None
+        for T in ("1e-30", "1e-320", "5e-324"):
+            for argv in (["--ckpt", str(V1 / "calm.pt"), "--temp_sampler", "batch"],
+                         ["--ckpt", str(V1 / "calm.pt"), "--temp_sampler", "exact"],
+                         ["--ckpt", str(V1 / "ntp.pt")], ["--ckpt", str(V1 / "mtp.pt"), "--speculative"]):
+                sample.main(argv + ["--temperature", T, "--max_new_tokens", "8", "--device", "cpu", "--prompt", "ab"])
+                assert capsys.readouterr().out.startswith("ab")
+        assert time.time() - t0 < 120
+    finally:
+        if previous is not None:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_long_evaluation_shows_its_progress_and_odd_schedules_warn(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runtime, "PROGRESS_SECONDS", 0.0)
+    run(tmp_path, "--max_iters", "1", "--eval_interval", "1", "--warmup_iters", "5")
+    err = capsys.readouterr().err
+    assert "WARNING: ntp: the warm-up (--warmup_iters 5) is not shorter than the run (--max_iters 1)" in err
+    assert re.search(r"evaluating: 4/4 batches \| .* ETA", err)  # --eval_iters 1000000000 would show its ETA
+    trainer.plan(*trainer.parse_args(TINY + ["--out_dir", str(tmp_path / "o"), "--max_iters", "9",
+                                              "--lr_decay_iters", "2", "--warmup_iters", "3"]))  # checks only
+    assert "WARNING: ntp: the decay ends (--lr_decay_iters 2) before the warm-up" in capsys.readouterr().err
+    args, _ = trainer.parse_args(TINY + ["--grad_accum", "100000000"])
+    warning = trainer.cost_warnings(args, 10 ** 6, 256)[0]
+    assert re.match(r"one iteration is ~.* FLOPs \(\d+h\d\dm at 0.1 TFLOP/s\)", warning)
 
 
 # ----------------------------------------------------------------------------- imports flow one way
