@@ -13,7 +13,6 @@ RoPE / learned with its smallest and largest round, and on CUDA the MFU (FLOPs p
 other jobs, with --threads 1, it counts the step's own work and not the time other jobs held the cores.
 """
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ import trainer
 from bench.flops import train_flops_per_token
 from gpt import GPT, GPTConfig
 from runtime import UserError
+from bench import records
 from bench.common import sync
 
 # (model, batch size): the two shapes of issue 16 ('small' is also the cpu preset of python -m bench table), the
@@ -143,20 +143,22 @@ def main(argv=None):
     if a.device.startswith("cuda") and a.clock == "cpu":
         raise UserError("--clock cpu times the CPU's work: use the wall clock on a GPU")
     torch.set_num_threads(a.threads)
-    hardware = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else \
-        f"{os.cpu_count()}-core CPU, {torch.get_num_threads()} threads"
-    print(f"{hardware}, torch {torch.__version__}; median of {a.rounds} interleaved rounds of {a.steps} steps")
+    command = "python -m bench core " + " ".join(sys.argv[1:] if argv is None else argv)
+    prov = records.provenance(dict(command=command, **{k: v for k, v in vars(a).items() if k != "typed"}),
+                              [__name__], a.device)
+    hardware = prov["hardware"]
+    print(f"{hardware}, {torch.get_num_threads()} thread(s), torch {torch.__version__}; median of {a.rounds} "
+          f"interleaved rounds of {a.steps} steps")
     results = []
     for name in a.shapes.split(","):
         shape, B = SHAPES[name]
         results.append(compare(shape, B, a.rounds, a.steps, a.device, torch.bfloat16 if a.bf16 else None, a.compile,
                                a.clock))
         print(f"{name:6s} {describe(results[-1])}", flush=True)
-    if a.out:
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        command = "python -m bench core " + " ".join(sys.argv[1:] if argv is None else argv)
-        with open(a.out, "w") as f:
-            json.dump(dict(hardware=hardware, torch=torch.__version__, command=command, results=results), f, indent=1)
+    if a.out:  # timings: a record of what made them, never re-checked to the digit by bench verify
+        records.write_json(a.out, dict(experiment="core", module=None, description=__doc__.split("\n\n")[0],
+                                       hardware=hardware, torch=torch.__version__, command=command,
+                                       provenance=records.finish(prov), results=results))
         print(f"wrote {a.out}")
     return results
 
