@@ -1,5 +1,6 @@
 """Measurements behind tutorials/calm.ipynb and bench/calm_runs.py (not the paper itself: that is calm.py and
-calm_comparison_heads.py). Every function takes a trained model (CALM or a GPT) and the data, and samples only."""
+calm_comparison_heads.py). Every function takes a trained model (CALM, a GPT or CALM's autoencoder) and the data,
+and samples only; unigram_baselines takes the data alone (what a model with no skill scores)."""
 import copy
 import time
 
@@ -87,3 +88,33 @@ def generation_speed(model, n_tokens=128, repeats=5):
             model.generate(prompt, n_tokens, temperature=1.0)
         best = min(best, time.perf_counter() - t)
     return 1 / K, n_tokens // K * K / best
+
+
+def unigram_baselines(data):
+    """Scores of models with no context, exact from the corpus: 'unigram_brier1', the Brier-1 on the val split of
+    the train split's token frequencies p (2 sum_x q(x) p(x) - sum_x p(x)^2, q the val frequencies), and
+    'mode_accuracy', how often the train split's most frequent token is the val token (an autoencoder or sampler
+    that always answers it)."""
+    train, val = (np.bincount(np.asarray(data.split(s)), minlength=data.vocab_size).astype(np.float64)
+                  for s in ("train", "val"))
+    p, q = train / train.sum(), val / val.sum()
+    return dict(unigram_brier1=float(2 * q @ p - p @ p), mode_accuracy=float(q[p.argmax()]))
+
+
+@torch.no_grad()
+def robustness(ae, data, args, sigmas, n_batches=16):
+    """Held-out reconstruction accuracy of an autoencoder with Gaussian noise on the posterior mean: 'recon_rel'
+    {sigma: accuracy} with sigma relative to the latents' RMS (calm.reconstruction_accuracy(relative=True)),
+    'recon_abs' with sigma absolute, 'recon_acc' clean, 'latent_rms' (the RMS of the posterior means),
+    'posterior_sigma_rms' (of the posterior's standard deviations; 0 for a plain autoencoder) and 'tokens' scored.
+    The chunks are objectives.ae_evaluate's (n_batches val batches, its generator)."""
+    rel = objectives.ae_evaluate(ae, data, args, sigmas, n_batches, relative=True)
+    absolute = objectives.ae_evaluate(ae, data, args, sigmas, n_batches)
+    gen = torch.Generator().manual_seed(args.seed + 2)  # ae_evaluate's chunks, again
+    x = torch.cat([data.get_batch("val", args.batch_size, args.block_size, gen)[0]
+                   for _ in range(n_batches)]).view(-1, ae.K)
+    mu, log_sigma = ae.encode(x)
+    sigma = log_sigma.exp() if ae.cfg.variational else torch.zeros_like(mu)
+    return dict(recon_acc=calm.reconstruction_accuracy(ae, x), recon_rel={f"{s:g}": a for s, a in rel.items()},
+                recon_abs={f"{s:g}": a for s, a in absolute.items()}, latent_rms=float(mu.pow(2).mean().sqrt()),
+                posterior_sigma_rms=float(sigma.pow(2).mean().sqrt()), tokens=x.numel())

@@ -9,10 +9,11 @@ Runs go to out/calm_runs/<experiment>/<run>/ (checkpoints, git-ignored); --shard
 processes (OMP_NUM_THREADS=1 each) split one experiment. Autoencoders are shared by every run with the same K
 (out/calm_runs/autoencoders/K<K>/, trained once under a file lock).
 """
-import fcntl
 import json
+import math
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import fields
@@ -30,7 +31,7 @@ from runtime import OneLineParser, UserError, load_checkpoint, to_argv
 
 from bench import calm_experiments, records
 from bench.common import architecture
-from bench.flops import train_flops_per_token
+from bench.flops import ae_flops_per_token, train_flops_per_token
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "out", "calm_runs")
@@ -186,6 +187,95 @@ def temperature_curve(name, spec):
     return measure
 
 
+# ----------------------------------------------------------------------------- issue 23: the headline on a large corpus
+
+# The 4 x 128 recipe on Python source (pystdlib bytes): chosen by recipe_pystdlib (CALM's learning rate, NTP's)
+CALM_CODE = dict(CALM_RECIPE)
+NTP_CODE = dict(NTP_RECIPE)
+# budgets are multiples of the base: ntp_iters NTP iterations (4 x 128: 1,200 iterations of 16 x 128 = 1.4e13 FLOPs)
+SCALING = {"4x128": dict(dataset="pystdlib", ntp_iters=1200, budgets=(1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8), seeds=2),
+           "1x32": dict(dataset="shakespeare", ntp_iters=64, budgets=(1 / 4, 1 / 2, 1), seeds=1)}  # smoke: the tests
+
+
+def check_budgets(budgets):
+    """The budgets as a list: positive, finite and increasing, or a one-line UserError."""
+    b = list(budgets)
+    if not b or not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in b) or \
+            any(y <= x for x, y in zip(b, b[1:])):
+        raise UserError(f"--budgets must be increasing positive multiples of the base budget, got "
+                        f"{','.join(f'{x:g}' if isinstance(x, (int, float)) else repr(x) for x in b) or 'none'}")
+    return b
+
+
+def scaling(size, budgets=None, dataset=None):
+    """CALM K = 4 against NTP at equal training FLOPs on a corpus neither model repeats much (Python source,
+    pystdlib bytes), at budgets from 1/8 to 8 times the base (1.4e13 FLOPs at 4 x 128): per seed, one CALM run
+    (the recipe's constant learning rate) scored and checkpointed at every budget, and one NTP run per budget, each
+    annealed (cosine) to its end. Seeds pair CALM and NTP; NTP is scored with its exact Brier-1, CALM from two
+    samples per position, both at 4,096 held-out positions; every point records the epochs seen."""
+    s = SCALING[size]
+    budgets, dataset = check_budgets(budgets or s["budgets"]), dataset or s["dataset"]
+    base = ntp_flops(size, s["ntp_iters"])
+    runs = []
+    for seed in range(s["seeds"]):
+        energy = flags_for(size, "calm", seed, dataset=dataset, **CALM_CODE)
+        runs.append((f"calm K=4 seed {seed}", energy, sorted({iters_for(energy, b * base) for b in budgets})))
+        runs += [(f"ntp x{b:g} seed {seed}", flags_for(size, "ntp", seed, dataset=dataset, **NTP_CODE),
+                  [max(1, round(b * s["ntp_iters"]))]) for b in budgets]
+    return runs
+
+
+def recipe_pystdlib():
+    """Is the Shakespeare recipe right for code? CALM K = 4 (head lr x3, constant rate) at learning rates 5e-4,
+    1e-3 and 2e-3, and NTP (cosine) at 1e-3 and 3e-3, on pystdlib bytes at 4 x 128, each scored at 1/2 and all of
+    the scaling experiment's base budget (1.4e13 FLOPs); seeds 0 and 1 for the settings that decide the recipe."""
+    budget, runs = ntp_flops("4x128", SCALING["4x128"]["ntp_iters"]), []
+    for seed in range(2):
+        for lr in (1e-3, 2e-3, 5e-4)[:3 if seed == 0 else 2]:
+            runs.append(on_budget(f"calm K=4 lr={lr:g} seed {seed}", flags_for(
+                "4x128", "calm", seed, dataset="pystdlib", **{**CALM_RECIPE, **schedule(lr, "const")}), budget, (0.5, 1)))
+        for lr in (3e-3, 1e-3):
+            runs.append(on_budget(f"ntp lr={lr:g} seed {seed}", flags_for(
+                "4x128", "ntp", seed, dataset="pystdlib", **schedule(lr, "cos")), budget, (0.5, 1)))
+    return runs
+
+
+HEAD_CHANGES = {"head width 128": dict(head_dim=128), "4 head blocks": dict(head_layers=4),
+                "N=16": dict(num_samples=16), "M=100": dict(num_target_samples=100),
+                "head lr x10": dict(head_lr_scale=10.0), "head lr x1": dict(head_lr_scale=1.0)}
+
+
+def head_study(size="4x128", seeds=2, longer=4, changes=tuple(HEAD_CHANGES)):
+    """Why does the energy head trail flow matching at our scale? CALM K = 4 on Tiny Shakespeare bytes with the
+    energy head of the recipe and with one change each (HEAD_CHANGES: the head as wide as the backbone, 4 blocks,
+    N = 16 model samples, M = 100 target samples (the paper's), the head's learning rate x10 and x1 instead of x3),
+    all at the iterations of the heads experiment (7e12 FLOPs of the recipe); and the recipe's energy and flow heads
+    trained 2 and 4 times longer. Seeds 0 and 1 of each."""
+    iters = iters_for(flags_for(size, "calm", 0, **CALM_RECIPE), ntp_flops(size, CURVES[size]["ntp_iters"]))
+    longer = sorted({iters, 2 * iters, longer * iters})
+    runs = [(f"energy seed {s}", flags_for(size, "calm", s, **CALM_RECIPE), longer) for s in range(seeds)]
+    runs += [(f"energy {name} seed {s}", flags_for(size, "calm", s, **{**CALM_RECIPE, **change}), [iters])
+             for s in range(seeds) for name, change in HEAD_CHANGES.items() if name in changes]
+    return runs + [(f"flow seed {s}", flags_for(size, "calm", s, **CALM_RECIPE, head="flow"), longer)
+                   for s in range(seeds)]
+
+
+AE_ARMS = {"regularised": {}, "no variational": dict(variational=False),
+           "plain": dict(variational=False, latent_dropout=0.0, mask_prob=0.0)}
+SIGMAS = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5]
+
+
+def ae_noise(seeds=3, iters=1000):
+    """Is the regularised autoencoder more robust to noise on its latent than a plain one, when the noise is measured
+    against the latents' own scale (sigma / latent RMS)? K = 4 autoencoders of the recipe (1,000 iterations, Tiny
+    Shakespeare bytes, latent 32): regularised (variational, KL clip, latent dropout, input masking), without the
+    variational posterior (dropout and masking kept), and plain (none); held-out reconstruction accuracy with
+    Gaussian noise of sigma relative to the latent RMS and absolute, seeds 0-2."""
+    return [(f"{arm} seed {s}", {"objective": "autoencoder", "seed": 1337 + s, **DATA, "chunk_size": 4,
+                                 "learning_rate": 3e-3, "warmup_iters": 30, **change}, [iters])
+            for s in range(seeds) for arm, change in AE_ARMS.items()]
+
+
 STEPS = {"flow": [1, 2, 5, 10, 20], "diffusion": [1, 5, 10, 25, 50, 100, 200]}
 SMOKE = dict(positions=16, post_positions=8, prompts=2, ae_iters=10)  # seconds: the notebook under the tests
 EXPERIMENTS = {
@@ -198,24 +288,25 @@ EXPERIMENTS = {
                   prompts=16, steps=STEPS),
     "smoke_curves": dict(runs=lambda: curves("1x32"), post=temperature_curve, temperatures=[1.0, 0.5], **SMOKE),
     "smoke_heads": dict(runs=lambda: head_runs("1x32", 1), post=head_steps, steps={"flow": [1, 2],
-                                                                                     "diffusion": [1, 5]}, **SMOKE)}
+                                                                                     "diffusion": [1, 5]}, **SMOKE),
+    # issue 23
+    "recipe_pystdlib": dict(runs=recipe_pystdlib, positions=2048),
+    "scaling_4x128": dict(runs=lambda budgets=None, dataset=None: scaling("4x128", budgets, dataset),
+                          description=scaling.__doc__, options=("budgets", "dataset"), positions=4096,
+                          exact_ntp=True, save_every=2000, keep=True),
+    "head_study": dict(runs=lambda: head_study("4x128"), description=head_study.__doc__, positions=2048),
+    "autoencoder_noise": dict(runs=ae_noise, kind="autoencoder", sigmas=SIGMAS, ae_batches=16),
+    "smoke_scaling": dict(runs=lambda budgets=None, dataset=None: scaling("1x32", budgets, dataset),
+                          description=scaling.__doc__, options=("budgets", "dataset"), exact_ntp=True, save_every=5,
+                          keep=True, **SMOKE),
+    "smoke_head_study": dict(runs=lambda: head_study("1x32", 1, 2, ["N=16"]), description=head_study.__doc__,
+                             **SMOKE),
+    "smoke_autoencoder_noise": dict(runs=lambda: ae_noise(1, 10), description=ae_noise.__doc__, kind="autoencoder",
+                                    sigmas=[0.0, 0.5, 1.0], ae_batches=2)}
+CONFIG_KEYS = ("positions", "exact_ntp", "save_every", "sigmas", "ae_batches")  # what a spec adds to a run's config
 
 
 # ----------------------------------------------------------------------------- running and recording
-
-class Locked:
-    """An exclusive file lock (two shards write the same results file, or want the same autoencoder)."""
-
-    def __init__(self, path):
-        lock = os.path.join(WORK, "locks", os.path.abspath(path).strip(os.sep).replace(os.sep, "_") + ".lock")
-        os.makedirs(os.path.dirname(lock), exist_ok=True)
-        self.f = open(lock, "w")
-
-    def __enter__(self):
-        fcntl.flock(self.f, fcntl.LOCK_EX)
-
-    def __exit__(self, *a):
-        fcntl.flock(self.f, fcntl.LOCK_UN)
 
 
 def read_results(path):
@@ -225,12 +316,17 @@ def read_results(path):
         return json.load(f)
 
 
-def record(path, exp, name, flags, config, prov, point=None, post=None, fresh=False):
+def record(path, exp, name, flags, config, prov, point=None, post=None, fresh=False, corpus=None):
     """Add one point (or the post-training measurements) of run `name` to the results file (read-modify-write
-    under the lock, atomic replace). fresh: the run starts over (a record of other code or settings is dropped)."""
-    with Locked(path):
+    under the lock, atomic replace). fresh: the run starts over (a record of other code or settings is dropped).
+    corpus: corpus_facts of the run's data, kept in the file's "corpus" by dataset."""
+    with records.Locked(path):
         res = read_results(path)
-        res.update(experiment=f"calm_{exp}", module=__name__, description=EXPERIMENTS[exp]["runs"].__doc__ or "")
+        if corpus is not None:
+            res.setdefault("corpus", {})[corpus["dataset"]] = corpus
+        spec = EXPERIMENTS[exp]
+        res.update(experiment=f"calm_{exp}", module=__name__,
+                   description=" ".join((spec.get("description") or spec["runs"].__doc__ or "").split()))
         if fresh:
             res["runs"].pop(name, None)
         run = res["runs"].setdefault(name, {"flags": flags, "config": config, "points": []})
@@ -244,14 +340,17 @@ def record(path, exp, name, flags, config, prov, point=None, post=None, fresh=Fa
         records.write_json(path, res)
 
 
-def autoencoder(K, work=WORK, ae_iters=None, latent_dim=None):
-    """Path of the shared autoencoder for chunk size K (calm.py's recipe), trained once, under a lock, if missing."""
-    out = os.path.join(work, "autoencoders", f"K{K}" + (f"_l{latent_dim}" if latent_dim else ""))
+def autoencoder(K, work=WORK, ae_iters=None, latent_dim=None, dataset=DATA["dataset"]):
+    """Path of the shared autoencoder for chunk size K (calm.py's recipe) of a dataset, trained once, under a lock,
+    if missing."""
+    prefix = "" if dataset == DATA["dataset"] else re.sub(r"[^\w.=-]+", "_", dataset) + "_"
+    out = os.path.join(work, "autoencoders", prefix + f"K{K}" + (f"_l{latent_dim}" if latent_dim else ""))
     path = os.path.join(out, "ckpt.pt")
-    with Locked(path):
+    with records.Locked(path):
         if not os.path.exists(path):
             args = SimpleNamespace(**{f.name: f.default for f in fields(calm.AEConfig)}, device="cpu", seed=1337,
-                                   ae_iters=ae_iters or objectives.CALMFlags.ae_iters, out_dir=out, **DATA)
+                                   ae_iters=ae_iters or objectives.CALMFlags.ae_iters, out_dir=out,
+                                   **{**DATA, "dataset": dataset})
             args.chunk_size, args.latent_dim = K, latent_dim or args.latent_dim
             flags = objectives.autoencoder_flags(args, out_dir=out)
             if ae_iters:  # smoke: a few iterations, a short evaluation
@@ -260,17 +359,63 @@ def autoencoder(K, work=WORK, ae_iters=None, latent_dim=None):
     return path
 
 
-def score(ckpt, data, positions):
+def score(ckpt, data, positions, exact=False):
     """Brier-1..4, BrierLM and their standard errors at `positions` fixed val positions (seed 0: the same
-    positions for every run with the same context length), from two samples per position."""
+    positions for every run with the same context length), from two samples per position. exact (a token model):
+    also its exact Brier-1 (brier1_exact) and the variance-reduced BrierLM (brierlm_vr), from its probabilities."""
     model, objective, args, _ = load_model(ckpt, "cpu")
     args.device = "cpu"
-    est = objectives.brier_scores(model, objective, data, args, positions, 0)["sampled"]
+    per = objectives.brier_scores(model, objective, data, args, positions, 0, variance_reduced=exact)
+    est = per["sampled"]
     se = est.std(0, ddof=1) / len(est) ** 0.5
     out = {**brierlm.summarize(est), **{f"brier{n + 1}_se": float(se[n]) for n in range(4)}}
     se_lm = brierlm.brierlm_stderr(est)
     out["brierlm_se"] = se_lm if se_lm == se_lm else None  # undefined (NaN) when a Brier-n <= 0
+    if "exact1" in per:
+        se_vr = brierlm.brierlm_stderr(per["reduced"])
+        out.update(brier1_exact=float(per["exact1"].mean()),
+                   brier1_exact_se=float(per["exact1"].std(ddof=1) / len(est) ** 0.5),
+                   brierlm_vr=brierlm.summarize(per["reduced"])["brierlm"], brierlm_vr_se=se_vr if se_vr == se_vr else None)
     return out, model, args
+
+
+def measure(ckpt, data, spec):
+    """(scores, model, args) of a checkpoint: BrierLM for a language model (score), or an autoencoder's
+    reconstruction accuracy under latent noise (spec kind 'autoencoder': calm_experiments.robustness)."""
+    if spec.get("kind") != "autoencoder":
+        return score(ckpt, data, spec["positions"], spec.get("exact_ntp", False))
+    model, _, args, _ = load_model(ckpt, "cpu")
+    args.device = "cpu"
+    return calm_experiments.robustness(model, data, args, spec["sigmas"], spec["ae_batches"]), model, args
+
+
+def epochs_seen(iters, batch_size, block_size, corpus_tokens):
+    """Passes over the training split: tokens trained (iterations x batch x window) / the split's tokens."""
+    if corpus_tokens <= block_size:
+        raise UserError(f"the corpus ({corpus_tokens} training tokens) is smaller than one window of {block_size + 1}")
+    return iters * batch_size * block_size / corpus_tokens
+
+
+def check_corpus(data, block_size):
+    """A one-line error when a split of the corpus is smaller than one training window (block_size + 1 tokens)."""
+    for split in ("train", "val"):
+        n = len(data.split(split))
+        if n <= block_size + 1:
+            raise UserError(f"the corpus {data.name!r} is smaller than one window: its {split} split has {n} tokens, "
+                            f"a window of block_size {block_size} needs more than {block_size + 1}")
+
+
+def corpus_facts(data):
+    """What the figures need of a corpus: its size and the scores of models with no skill (no context)."""
+    return dict(dataset=data.name, train_tokens=len(data.split("train")), val_tokens=len(data.split("val")),
+                **calm_experiments.unigram_baselines(data))
+
+
+def stages_of(points, save_every=None):
+    """Where a run stops to save: its scored points, and every save_every iterations between (checkpoints only)."""
+    if not save_every:
+        return list(points)
+    return sorted(set(points) | set(range(save_every, max(points), save_every)))
 
 
 def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WORK, reuse_stale=False):
@@ -281,16 +426,17 @@ def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WOR
     out_dir = os.path.join(work, exp, re.sub(r"[^\w.=-]+", "_", name))
     flags = dict(flags)
     if flags["objective"] == "calm" and "autoencoder" not in flags:
-        flags["autoencoder"] = autoencoder(flags["chunk_size"], work, spec.get("ae_iters"), flags.get("latent_dim"))
+        flags["autoencoder"] = autoencoder(flags["chunk_size"], work, spec.get("ae_iters"), flags.get("latent_dim"),
+                                           flags["dataset"])
     record_flags = {k: v for k, v in flags.items() if k != "autoencoder"}
     base = dict(out_dir=out_dir, lr_decay_iters=max(points), eval_iters=2, brier_positions=0, sample_tokens=0,
                 log_interval=10 ** 9, **flags)
-    config = dict(record_flags, lr_decay_iters=max(points), positions=spec["positions"])
+    config = dict(record_flags, lr_decay_iters=max(points), **{k: spec[k] for k in CONFIG_KEYS if k in spec})
     code, prov = records.code_hash([__name__]), records.provenance(config, [__name__])
     saved = read_results(path)["runs"].get(name, {})
     current = saved.get("provenance", {}).get("code") == code and records.same_config(saved.get("config"), config)
     if saved and not current and reuse_stale and records.same_config(saved.get("config"), config):
-        with Locked(path):
+        with records.Locked(path):
             res = read_results(path)
             res["runs"][name]["stale"] = True
             records.write_json(path, res)
@@ -302,9 +448,14 @@ def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WOR
         return
     ckpt = os.path.join(out_dir, "ckpt.pt")
     at = load_checkpoint(ckpt)["iter"] if records.checkpoint_matches(out_dir, config, code) else 0
-    seconds = done[at]["train_seconds"] if at in done else 0.0  # training time so far, across restarts
-    for end in points:
-        if end < at or (end == at and end in done):
+    clock = os.path.join(out_dir, "train_seconds.json")  # training time so far, across restarts
+    seconds = done[at]["train_seconds"] if at in done else 0.0
+    if at and at not in done and os.path.exists(clock):  # cut between two points: the time of the last save
+        with open(clock) as f:
+            saved_clock = json.load(f)
+        seconds = saved_clock["seconds"] if saved_clock.get("iter") == at else 0.0
+    for end in stages_of(points, spec.get("save_every")):
+        if end < at or (end == at and (end in done or end not in points)):
             continue
         t = time.time()
         if end > at:
@@ -315,16 +466,31 @@ def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WOR
             trainer.run_quietly(to_argv({**base, "max_iters": end, "eval_interval": end}) + resume)
             at = end
         seconds += time.time() - t
-        metrics = load_checkpoint(ckpt)["metrics"]
-        scores, model, args = score(ckpt, data, spec["positions"])
-        per_token = train_flops_per_token(model, args.block_size, getattr(args, "num_samples", 8))
+        records.write_json(clock, dict(iter=at, seconds=seconds))
+        if end not in points:  # a checkpoint only: a run cut after it resumes here
+            continue
+        if spec.get("keep"):  # the checkpoint of every point, kept (to score it again, or differently)
+            shutil.copyfile(ckpt, os.path.join(out_dir, f"ckpt_{end}.pt"))
+        ck = load_checkpoint(ckpt)
+        metrics = ck["metrics"]
+        scores, model, args = measure(ckpt, data, spec)
+        if isinstance(model, calm.Autoencoder):
+            per_token = ae_flops_per_token(model)
+        else:
+            per_token = train_flops_per_token(model, args.block_size, getattr(args, "num_samples", 8))
         point = dict(iter=end, train_flops=per_token * end * args.batch_size * args.block_size,
                      flops_per_token=per_token, train_seconds=seconds, val_loss=metrics.get("val_loss"),
                      threads=torch.get_num_threads(), **scores)
-        record(path, exp, name, record_flags, config, prov, point, fresh=fresh)
+        point.update(train_loss=metrics.get("train_loss"),
+                     epochs=epochs_seen(end, args.batch_size, args.block_size, len(data.split("train"))))
+        record(path, exp, name, record_flags, config, prov, point, fresh=fresh, corpus=corpus_facts(data))
         fresh = False
-        log(f"{exp} | {name} | iter {end} | FLOPs {point['train_flops']:.2e} | Brier-1 {scores['brier1']:.3f} "
-            f"± {scores['brier1_se']:.3f} | BrierLM {scores['brierlm']:.2f} | {seconds:.0f}s training")
+        if "recon_acc" in scores:
+            log(f"{exp} | {name} | iter {end} | recon {scores['recon_acc']:.4f} | latent RMS "
+                f"{scores['latent_rms']:.3f} | {seconds:.0f}s training")
+        else:
+            log(f"{exp} | {name} | iter {end} | FLOPs {point['train_flops']:.2e} | Brier-1 {scores['brier1']:.3f} "
+                f"± {scores['brier1_se']:.3f} | BrierLM {scores['brierlm']:.2f} | {seconds:.0f}s training")
     if post is not None and (fresh or "post" not in saved):
         if at != max(points):
             raise UserError(f"{name}: the checkpoint is at iteration {at}, not at the last point {max(points)}")
@@ -346,27 +512,53 @@ def rerun(experiment, run_id, rec, work):
 
 
 def compared(rec):
-    """What bench verify compares: Brier-1..4 at every point, each with 3 standard errors of its estimate as the
-    noise allowed when the thread count differs."""
-    return {f"brier{n}@{p['iter']}": (p[f"brier{n}"], 3 * p[f"brier{n}_se"]) for p in rec["points"]
-            for n in range(1, 5)}
+    """What bench verify compares: Brier-1..4 (and the exact Brier-1 where recorded) at every point, or an
+    autoencoder's accuracies under noise, each with 3 standard errors of its estimate as the noise allowed when
+    the thread count differs."""
+    out = {}
+    for p in rec["points"]:
+        if "recon_rel" in p:
+            for kind in ("recon_rel", "recon_abs"):
+                for sigma, acc in p[kind].items():
+                    out[f"{kind} {sigma}@{p['iter']}"] = (acc, 3 * max(acc * (1 - acc), 1 / p["tokens"]) ** 0.5
+                                                           / p["tokens"] ** 0.5)
+            continue
+        out.update({f"brier{n}@{p['iter']}": (p[f"brier{n}"], 3 * p[f"brier{n}_se"]) for n in range(1, 5)})
+        if "brier1_exact" in p:
+            out[f"brier1_exact@{p['iter']}"] = (p["brier1_exact"], 3 * p["brier1_exact_se"])
+    return out
 
 
-def run(exp, shard=(0, 1), only=None, dry=False, log=print, results=RESULTS, work=WORK, reuse_stale=False):
-    """Run (this shard of) an experiment; results go to <results>/calm_<exp>.json, checkpoints under <work>."""
+def run(exp, shard=(0, 1), only=None, dry=False, log=print, results=RESULTS, work=WORK, reuse_stale=False,
+        budgets=None, dataset=None):
+    """Run (this shard of) an experiment; results go to <results>/calm_<exp>.json, checkpoints under <work>.
+    budgets, dataset: the scaling experiments elsewhere (other budgets, another corpus), into other results."""
     if exp not in EXPERIMENTS:
         raise UserError(f"unknown experiment {exp!r}: choose from {', '.join(EXPERIMENTS)}")
     spec = EXPERIMENTS[exp]
-    runs = [r for r in spec["runs"]() if only is None or re.search(only, r[0])]
+    options = {k: v for k, v in dict(budgets=budgets, dataset=dataset).items() if v is not None}
+    if options:
+        flag = "--" + next(iter(options))
+        if not set(options) <= set(spec.get("options", ())):
+            raise UserError(f"{flag} applies only to the experiments "
+                            f"{', '.join(e for e, s in EXPERIMENTS.items() if s.get('options'))}, not to {exp}")
+        if os.path.abspath(results) == os.path.abspath(RESULTS):
+            raise UserError(f"{flag} changes the experiment: write it elsewhere with --results DIR (results/ holds "
+                            f"the experiment as defined)")
+    runs = [r for r in spec["runs"](**options) if only is None or re.search(only, r[0])]
     mine = runs[shard[0]::shard[1]]
     if dry:
         for name, flags, points in mine:
             log(f"{name}: {points} {flags}")
         return
-    data = load_data(DATA["dataset"], DATA["tokenizer"])
+    datasets = {}
+    for _, flags, _ in mine:  # every corpus is loaded and checked before anything trains
+        if flags["dataset"] not in datasets:
+            datasets[flags["dataset"]] = load_data(flags["dataset"], flags["tokenizer"])
+            check_corpus(datasets[flags["dataset"]], flags["block_size"])
     for name, flags, points in mine:
         try:
-            run_one(exp, name, flags, points, spec, data, log, results, work, reuse_stale)
+            run_one(exp, name, flags, points, spec, datasets[flags["dataset"]], log, results, work, reuse_stale)
         except UserError as e:  # say so and go on with the next run
             log(f"{exp} | {name} | failed: {e}")
 
@@ -381,17 +573,25 @@ def main(argv):
     p.add_argument("--reuse_stale", action="store_true", help="keep finished runs of other code, marked stale")
     p.add_argument("--results", default=RESULTS, help="folder of calm_<experiment>.json (default: results/)")
     p.add_argument("--work", default=WORK, help="folder of the runs' checkpoints (default: out/calm_runs)")
+    p.add_argument("--budgets", default=None, help="scaling experiments: increasing multiples of the base budget, "
+                   "e.g. 0.125,1,8 (with --results elsewhere)")
+    p.add_argument("--dataset", default=None, help="scaling experiments: another corpus (with --results elsewhere)")
     a = p.parse_args(argv)
     if a.command == "list" or a.experiment is None:
         for exp in EXPERIMENTS:
             run(exp, dry=True, log=lambda s, e=exp: print(f"{e}: {s}"))
         return
-    m = re.fullmatch(r"(\d+)/(\d+)", a.shard)
-    if not m or not int(m[1]) < int(m[2]):
-        raise UserError(f"--shard must be I/N with 0 <= I < N, got {a.shard!r}")
+    m = records.shard(a.shard)
+    budgets = None
+    if a.budgets is not None:
+        try:
+            budgets = [float(b) for b in a.budgets.split(",")]
+        except ValueError:
+            raise UserError(f"--budgets must be comma-separated numbers, got {a.budgets!r}") from None
+        check_budgets(budgets)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    run(a.experiment, (int(m[1]), int(m[2])), a.only, a.dry, log=lambda s: print(s, flush=True),
-        results=a.results, work=a.work, reuse_stale=a.reuse_stale)
+    run(a.experiment, m, a.only, a.dry, log=lambda s: print(s, flush=True),
+        results=a.results, work=a.work, reuse_stale=a.reuse_stale, budgets=budgets, dataset=a.dataset)
 
 
 if __name__ == "__main__":

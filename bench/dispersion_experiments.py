@@ -1,27 +1,34 @@
 """Experiments for dispersion.py (tutorials/dispersion.ipynb reads what they write; nothing here is asserted by a
-test's clock). Each part writes results/dispersion_<part>.json (cpu scale; _gpu for gpu; smoke writes nothing) row by
-row, so an interrupted run resumes where it stopped; checkpoints go to --out_dir.
+test's clock). Each part is one experiment in bench/records.py's format, results/dispersion_<part>.json (cpu scale;
+_gpu for gpu): {"experiment", "module", "description", "runs": {run_id: {"config", "metrics", "provenance"}}},
+rewritten under a file lock after every run, so a cut part keeps what it finished and two shards (--shard 0/2, 1/2)
+can share it; a finished run is reused only when the same code and configuration made it. Checkpoints go to
+--work. `python -m bench verify results/dispersion_<part>.json <run-id>` re-runs one run and compares.
 
-    python -m bench dispersion sweep      [--scale smoke|cpu|gpu]  lambda x scope x seed grid, single vs cross-domain
-    python -m bench dispersion arithmetic [--scale ...]  gap G vs accuracy over 12 models; label-free accuracy sets
-    python -m bench dispersion layers_knn [--scale ...]  per-layer Spearman(dispersion, ppl); kNN-LM key spaces
+    python -m bench dispersion sweep [--scale smoke|tutorial|cpu|gpu]  lambda x scope x seed, single vs cross-domain
+    python -m bench dispersion gap   [--scale ...]  model selection by the dispersion gap G: models of three sizes
+                                                    trained on three arithmetic shares, compared at equal iterations,
+                                                    beside the trivial predictors; label-free accuracy sets
+    python -m bench dispersion knn   [--scale ...]  per model (two seeds): per-layer Spearman(dispersion, ppl) at
+                                                    initialisation and trained; kNN-LM perplexity with keys from every
+                                                    layer and sub-layer, the most dispersed one against the best one
 
 The arithmetic task (a digit-heavy text domain, byte tokens): lines 'a+b=c' / 'a-b=c' with 1- to 3-digit operands,
-mixed half and half with Shakespeare (--dataset shakespeare+file:<cache>/dispersion/arithmetic.txt). Accuracy is
-exact match: a question (three solved held-out problems as context, then 'a+b=') counts as right when the model's
-argmax is the answer's every byte and the closing newline, i.e. exactly when greedy decoding writes the answer.
+inserted line by line into Tiny Shakespeare so that a given share of the bytes is arithmetic (one file,
+<cache>/dispersion/mixed_<share>_0.txt; --dataset file:<it>). Accuracy is exact match: a question (three solved
+held-out problems as context, then 'a+b=') counts as right when the model's argmax is the answer's every byte and the
+closing newline, i.e. exactly when greedy decoding writes the answer.
 """
-import json
 import os
+import re
 import sys
-import time
 
 import numpy as np
 import torch
 
 import dispersion as dp
-import runtime
 import trainer
+from bench import records
 from data import cache_dir, load_data
 from objectives import load_model
 from runtime import OneLineParser, UserError, correlation, mean_se
@@ -31,11 +38,11 @@ OPERATORS = "+-="
 DIGITS = "0123456789"
 
 
-# ----------------------------------------------------------------------------- training drivers
+# ----------------------------------------------------------------------------- training
 
-def run_training(argv, quiet=True):
-    """trainer.main(argv), its printout captured when quiet; returns the checkpoint path. UserError if it fails."""
-    trainer.run_quietly(argv) if quiet else trainer.main(argv)
+def run_training(argv):
+    """trainer.main(argv), its printout captured; returns the checkpoint path. UserError if it fails."""
+    trainer.run_quietly(argv)
     return os.path.join(argv[argv.index("--out_dir") + 1], "ckpt.pt")
 
 
@@ -49,6 +56,70 @@ def train_with_snapshots(argv, snapshot_iters, measure, device="cpu"):
         model = load_model(run_training(stage), device)[0]
         rows.append(dict(iter=it, model=model, **measure(model)))
     return rows
+
+
+# ----------------------------------------------------------------------------- scales and results files
+
+SCALES = {  # model, run length, grid and measurement sizes per scale
+    "smoke": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32), batch_size=4, iters=12,
+                  lams=[0, 0.1], seeds=[1, 2], extra=[], eval_chunks=8,
+                  gap=dict(sizes=[(1, 16), (2, 16)], shares=[0.2, 0.5], seeds=[1], iters=8, problems=40),
+                  knn=dict(seeds=[1, 2]), seg_chunks=48, group=4, n_groups=6, store_chunks=4, tune_chunks=1,
+                  test_chunks=1, share_sets=2, set_size=4),
+    "cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128), batch_size=8, iters=1000,
+                lams=[0, 0.001, 0.01, 0.1], seeds=[1, 2, 3],
+                extra=[("cross", "batch", 0.1), ("cross", "cross_domain", 1.0)], eval_chunks=512,
+                gap=dict(sizes=[(2, 64), (3, 96), (4, 128)], shares=[0.2, 0.35, 0.5], seeds=[1], iters=4000,
+                         problems=6003),
+                knn=dict(seeds=[1, 2]), seg_chunks=6400, group=50, n_groups=40, store_chunks=512, tune_chunks=16,
+                test_chunks=32, share_sets=10, set_size=100),
+}
+SCALES["tutorial"] = dict(  # what tutorials/dispersion.ipynb runs live at cpu scale: a few minutes in all
+    SCALES["cpu"], iters=300, lams=[0, 0.1], seeds=[1], extra=[], eval_chunks=64,
+    gap=dict(sizes=[(2, 64), (3, 96)], shares=[0.25, 0.5], seeds=[1], iters=400, problems=1003),
+    knn=dict(seeds=[1]), seg_chunks=1600, group=25, n_groups=20, store_chunks=128, tune_chunks=8, test_chunks=16,
+    share_sets=5, set_size=50)
+SCALES["gpu"] = dict(SCALES["cpu"], model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256), batch_size=32,
+                     iters=3000, eval_chunks=1024, store_chunks=2048, tune_chunks=32, test_chunks=64,
+                     gap=dict(sizes=[(2, 128), (4, 256), (6, 384)], shares=[0.2, 0.35, 0.5], seeds=[1, 2],
+                              iters=4000, problems=6003))
+# (the gpu scale has not been run: no GPU in the session that wrote this)
+DATASETS = {"single": "shakespeare", "cross": "shakespeare+pystdlib"}
+PARTS = ("sweep", "gap", "knn")
+DESCRIPTIONS = {
+    "sweep": "lambda x scope x seed: byte GPTs (4 x 128) trained with L_CE + lambda L_aux on Shakespeare (single "
+             "domain, loss over the batch) and on Shakespeare + Python (cross-domain loss); per-domain perplexity "
+             "and dispersion on 512 fixed val chunks",
+    "gap": "model selection by the dispersion gap G = within(T) + between(T, T') of the output matrix: byte GPTs of "
+           "three sizes, each trained on Shakespeare with 20%, 35% or 50% of its bytes arithmetic, measured at equal "
+           "iterations (and half-way): exact-match arithmetic accuracy, G, the trivial predictors (iteration, "
+           "parameters, arithmetic share, arithmetic perplexity) and label-free accuracy sets",
+    "knn": "layer choice for the kNN-LM: Shakespeare byte GPTs (4 x 128, lambda = 0), one per seed: for every layer "
+           "and sub-layer, its dispersion and the kNN-LM perplexity with keys from it (temperature and weight tuned "
+           "per key space); the authors' rule (the most dispersed) against the best found by search; and the "
+           "per-layer Spearman(dispersion, perplexity) at initialisation and trained",
+}
+
+
+def model_flags(S, device="cpu"):
+    m = S["model"]
+    return ["--tokenizer", "bytes", "--batch_size", str(S["batch_size"]), "--n_layer", str(m["n_layer"]),
+            "--n_head", str(m["n_head"]), "--n_embd", str(m["n_embd"]), "--block_size", str(m["block_size"]),
+            "--eval_interval", "1000000", "--eval_iters", "2", "--sample_tokens", "0", "--brier_positions", "0",
+            "--device", device]
+
+
+def results_path(part, scale, out):
+    return os.path.join(out, f"dispersion_{part}{'' if scale == 'cpu' else '_' + scale}.json")
+
+
+def results_file(part, scale, out):
+    return records.Results(results_path(part, scale, out), f"dispersion_{part}", __name__, DESCRIPTIONS[part])
+
+
+def flat(report):
+    """{run_id: config and metrics in one dict}: what the tables and figures read."""
+    return {k: dict(r["config"], **r["metrics"]) for k, r in report["runs"].items()}
 
 
 # ----------------------------------------------------------------------------- the arithmetic task
@@ -67,12 +138,25 @@ def arithmetic_problems(n, seed):
     return out
 
 
-def arithmetic_file(n_problems=120_000, seed=0):
-    """The task's training text (one solved problem per line), written once into the cache; returns its path."""
-    path = cache_dir() / "dispersion" / f"arithmetic_{n_problems}_{seed}.txt"
+def mixed_file(share, seed=0):
+    """Tiny Shakespeare with solved problems ('a+b=c' lines, arithmetic_problems) inserted after its lines so that
+    `share` of the bytes is arithmetic, evenly through the text; written once into the cache; returns its path."""
+    path = cache_dir() / "dispersion" / f"mixed_{share:g}_{seed}.txt"
     if not path.exists():
+        text = load_data("shakespeare", "bytes")
+        lines = (bytes(text.split("train").tolist()) + bytes(text.split("val").tolist())).decode().splitlines(True)
+        ratio = share / (1 - share)
+        problems = iter(arithmetic_problems(int(ratio * sum(map(len, lines)) / 7) + 1000, seed))
+        out, prose, arith = [], 0, 0
+        for line in lines:
+            out.append(line)
+            prose += len(line)
+            while arith < ratio * prose:
+                q, a = next(problems)
+                out.append(f"{q}{a}\n")
+                arith += len(q) + len(a) + 1
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"{q}{a}\n" for q, a in arithmetic_problems(n_problems, seed)))
+        path.write_text("".join(out))
     return str(path)
 
 
@@ -109,64 +193,7 @@ def arithmetic_correct(model, windows, batch_size=256):
     return torch.cat(out)
 
 
-# ----------------------------------------------------------------------------- shared set-up
-
-SCALES = {  # model, run length, grid and measurement sizes per scale
-    "smoke": dict(model=dict(n_layer=2, n_head=2, n_embd=32, block_size=32), batch_size=4, iters=12,
-                  lams=[0, 0.1], seeds=[1, 2], extra=[], eval_chunks=8,
-                  family=dict(sizes=[(1, 16)], snaps=[4, 8, 12], problems=40), seg_chunks=48, group=4, n_groups=6,
-                  store_chunks=4, tune_chunks=1, test_chunks=1, share_sets=2, set_size=4),
-    "cpu": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=128), batch_size=8, iters=1000,
-                lams=[0, 0.001, 0.01, 0.1], seeds=[1, 2, 3],
-                extra=[("cross", "batch", 0.1), ("cross", "cross_domain", 1.0)],
-                eval_chunks=512, family=dict(sizes=[(2, 64), (3, 96), (4, 128)], snaps=[500, 1000, 2000, 3000],
-                                             problems=6003),
-                seg_chunks=6400, group=50, n_groups=40, store_chunks=512, tune_chunks=16, test_chunks=32,
-                share_sets=10, set_size=100),
-}
-SCALES["gpu"] = dict(SCALES["cpu"], model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256), batch_size=32,
-                     iters=3000, eval_chunks=1024, store_chunks=2048, tune_chunks=32, test_chunks=64,
-                     family=dict(sizes=[(2, 128), (4, 256), (6, 384)], snaps=[500, 1000, 2000, 4000], problems=6003))
-# (the gpu scale has not been run: no GPU in the session that wrote this)
-DATASETS = {"single": "shakespeare", "cross": "shakespeare+pystdlib"}
-
-
-def model_flags(S, device="cpu"):
-    m = S["model"]
-    return ["--tokenizer", "bytes", "--batch_size", str(S["batch_size"]), "--n_layer", str(m["n_layer"]),
-            "--n_head", str(m["n_head"]), "--n_embd", str(m["n_embd"]), "--block_size", str(m["block_size"]),
-            "--eval_interval", "1000000", "--eval_iters", "2", "--sample_tokens", "0", "--brier_positions", "0",
-            "--device", device]
-
-
-class Results:
-    """results/dispersion_<part>.json as a dict of rows, written after every row (an interrupted run resumes)."""
-
-    def __init__(self, part, scale, out=None):
-        suffix = "" if scale == "cpu" else f"_{scale}"
-        self.path = out or os.path.join(ROOT, "results", f"dispersion_{part}{suffix}.json")
-        self.rows = {}
-        if scale != "smoke" and os.path.exists(self.path):
-            with open(self.path) as f:
-                self.rows = json.load(f)["rows"]
-        self.part, self.scale = part, scale
-
-    def get(self, key, compute):
-        if key not in self.rows:
-            t = time.time()
-            self.rows[key] = dict(compute(), seconds=round(time.time() - t, 1))
-            if self.scale != "smoke":
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)
-                with open(self.path + ".tmp", "w") as f:
-                    json.dump(dict(part=self.part, scale=self.scale, hardware=HARDWARE, rows=self.rows), f, indent=1)
-                os.replace(self.path + ".tmp", self.path)
-        return self.rows[key]
-
-
-HARDWARE = "2-core x86-64 CPU sandbox, shared with other jobs, OMP_NUM_THREADS=1, torch " + torch.__version__
-
-
-# ----------------------------------------------------------------------------- part 2: the lambda sweep
+# ----------------------------------------------------------------------------- measurements
 
 def domain_eval(model, data, n_chunks, block_size):
     """{domain: {'ppl', 'disp'}} on the same n_chunks non-overlapping val chunks of every domain."""
@@ -176,37 +203,6 @@ def domain_eval(model, data, n_chunks, block_size):
         batches = dp.chunk_batches(data, split, n_chunks, 64, block_size, seed=0)
         out[domain] = dp.perplexity_and_dispersion(model, batches)
     return out
-
-
-def sweep_runs(S):
-    """(setting, scope, lambda, seed) of every run: lambda 0 is plain NTP (its scope is irrelevant)."""
-    runs = [(setting, "batch" if setting == "single" or lam == 0 else "cross_domain", lam, seed)
-            for seed in S["seeds"] for setting in ("single", "cross") for lam in S["lams"]]  # seed by seed
-    return runs + [(setting, scope, lam, seed) for seed in S["seeds"] for setting, scope, lam in S["extra"]]
-
-
-def sweep(scale="cpu", out_dir="out/dispersion", results=None, device="cpu", log=print):
-    """Part 2: every run of sweep_runs, trained with train.py, evaluated per domain on fixed val chunks."""
-    S, R = SCALES[scale], Results("sweep", scale, results)
-    for setting, scope, lam, seed in sweep_runs(S):
-        name = f"{setting}_{scope}_{lam}_{seed}"
-
-        def run():
-            argv = ["--objective", "dispersion", "--dataset", DATASETS[setting], "--dispersion_weight", str(lam),
-                    "--dispersion_scope", scope, "--seed", str(seed), "--max_iters", str(S["iters"]),
-                    "--out_dir", os.path.join(out_dir, "sweep", name), "--overwrite"] + model_flags(S, device)
-            path = os.path.join(out_dir, "sweep", name, "ckpt.pt")
-            if not (os.path.exists(path) and runtime.load_checkpoint(path)["iter"] == S["iters"]):  # else: finished
-                run_training(argv)
-            model = load_model(path, device)[0]
-            return dict(setting=setting, scope=scope, lam=lam, seed=seed,
-                        domains=domain_eval(model, load_data(DATASETS[setting], "bytes"), S["eval_chunks"],
-                                            S["model"]["block_size"]))
-        row = R.get(name, run)
-        log(f"{name}: " + ", ".join(f"{d} ppl {v['ppl']:.3f} disp {v['disp']:.3f}" for d, v in row["domains"].items()))
-    return R.rows
-
-
 
 
 def sweep_table(rows):
@@ -227,8 +223,6 @@ def sweep_table(rows):
                           mean_se([r["domains"][domain]["disp"] for r in rs])[0]))
     return table
 
-
-# ----------------------------------------------------------------------------- parts 1 and 5: arithmetic
 
 TASK_TOKENS = [ord(c) for c in DIGITS + OPERATORS]                                     # T: digits and operators
 EVERYDAY_TOKENS = [ord(c) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ,.'"]  # T': prose bytes
@@ -284,36 +278,6 @@ def measure_arithmetic(model, windows, S):
                                                     S["share_sets"]))
 
 
-def arithmetic(scale="cpu", out_dir="out/dispersion", results=None, device="cpu", log=print):
-    """Parts 1 and 5: models of several sizes trained on Shakespeare + arithmetic, measured at several
-    iterations: accuracy, the dispersion gap G of their output matrix, and the label-free accuracy sets."""
-    S, R = SCALES[scale], Results("arithmetic", scale, results)
-    fam = S["family"]
-    path = arithmetic_file(2000 if scale == "smoke" else 120_000)
-    windows = arithmetic_windows(arithmetic_problems(fam["problems"], seed=1))
-    for n_layer, n_embd in fam["sizes"]:
-        name = f"{n_layer}x{n_embd}"
-
-        def run():
-            argv = ["--objective", "ntp", "--dataset", f"shakespeare+file:{path}", "--seed", "1",
-                    "--out_dir", os.path.join(out_dir, "arithmetic", name)] + model_flags(S, device) + \
-                   ["--n_layer", str(n_layer), "--n_embd", str(n_embd), "--n_head", str(max(1, n_embd // 32)),
-                    "--block_size", str(max(64, S["model"]["block_size"]))]  # a question with its context fits
-            rows = train_with_snapshots(argv, fam["snaps"], lambda m: measure_arithmetic(m, windows, S), device)
-            return dict(snapshots=[{k: v for k, v in r.items() if k != "model"} for r in rows])
-        for r in R.get(name, run)["snapshots"]:
-            log(f"{name} iter {r['iter']}: accuracy {r['acc']:.3f}, G {r['gap']:.4f} (within {r['within']:.4f}, "
-                f"between {r['between']:.4f}), arithmetic ppl {r['ppl']:.3f}")
-    return R.rows
-
-
-def family(rows):
-    """The models of the arithmetic part as one list of dicts with their name ('4x128 @ 600')."""
-    return [dict(r, name=f"{size} @ {r['iter']}") for size, row in rows.items() for r in row["snapshots"]]
-
-
-# ----------------------------------------------------------------------------- parts 3 and 4: layers, kNN-LM
-
 def knn_grid(model, store, tune, test, layer, k=16, scales=(0.1, 0.3, 1, 3, 10), weights=(0.1, 0.25, 0.5)):
     """kNN-LM with keys from `layer`: the temperature (a multiple of the median squared distance to the nearest
     key, so that every key space gets a fair scale) and the interpolation weight are chosen on the tune batches,
@@ -329,63 +293,199 @@ def knn_grid(model, store, tune, test, layer, k=16, scales=(0.1, 0.3, 1, 3, 10),
                 disp_store=dp.dispersion(sample).item(), n_keys=len(store[0]))
 
 
-def layers_knn(scale="cpu", out_dir="out/dispersion", results=None, device="cpu", log=print):
-    """Parts 3 and 4 on the single-domain lambda = 0 model of the sweep (seed 1; trained here when absent) and its
-    initialisation: per layer and sub-layer Spearman(dispersion, perplexity) over perplexity-sampled groups of
-    chunks of the training text (the authors use 100k chunks of their corpus: our val split is too small for groups
-    of 50); kNN-LM perplexity with keys from the last layer's sub-layers beside each key space's dispersion."""
-    S, R = SCALES[scale], Results("layers_knn", scale, results)
-    T, L, m = S["model"]["block_size"], S["model"]["n_layer"], {}
+def run_knn(cfg, out_dir, S, device="cpu"):
+    """A Shakespeare model (lambda = 0): for every layer and sub-layer, the kNN-LM with keys from it (knn_grid) and
+    its dispersion; the authors' choice (the most dispersed key space) against the best by kNN-LM perplexity; and
+    the layer-wise Spearman(dispersion, perplexity) over perplexity-sampled groups of training chunks, at the run's
+    initialisation and trained."""
+    data, T = load_data("shakespeare", "bytes"), cfg["block_size"]
+    trained = load_model(run_training(train_argv(cfg, out_dir, device)), device)[0]
+    torch.manual_seed(cfg["seed"])
+    init = type(trained)(trained.config).eval()                                   # a fresh initialisation
+    store = dp.chunk_batches(data, "train", S["store_chunks"], 64, T, seed=1, device=device)
+    x, y = (torch.cat(t) for t in zip(*dp.chunk_batches(data, "val", S["tune_chunks"] + S["test_chunks"], 64, T,
+                                                         seed=2, device=device)))
+    tune, test = [(x[:S["tune_chunks"]], y[:S["tune_chunks"]])], [(x[S["tune_chunks"]:], y[S["tune_chunks"]:])]
+    with dp.eval_mode(trained):
+        names = dp.layer_names(trained.hidden_states(x[:1]))
+    layers = {name: knn_grid(trained, store, tune, test, name) for name in names if name != "layers.0"}
+    chosen = max(layers, key=lambda k: layers[k]["disp_segments"])
+    best = min(layers, key=lambda k: layers[k]["knn_ppl"])
+    segments = dp.chunk_batches(data, "train", S["seg_chunks"], 64, T, seed=0, device=device)
+    layerwise = {}
+    for label, model in (("init", init), ("trained", trained)):
+        corr, g_ppl = dp.layer_correlations(model, segments, S["group"], S["n_groups"])
+        layerwise[label] = dict(spearman=corr, group_ppl=g_ppl.tolist())
+    ranks = correlation([v["disp_segments"] for v in layers.values()], [v["knn_ppl"] for v in layers.values()])
+    return dict(layers=layers, most_dispersed=chosen, best=best, lm_ppl=layers[best]["lm_ppl"],
+                spearman_disp_vs_knn_ppl=ranks["spearman"], layerwise=layerwise)
 
-    def setup():  # models and text, only when a row is missing
-        if not m:
-            data = load_data("shakespeare", "bytes")
-            path = os.path.join(out_dir, "sweep", "single_batch_0_1", "ckpt.pt")
-            if not os.path.exists(path):
-                run_training(["--objective", "dispersion", "--dataset", "shakespeare", "--dispersion_weight", "0",
-                              "--seed", "1", "--max_iters", str(S["iters"]), "--out_dir", os.path.dirname(path),
-                              "--overwrite"] + model_flags(S, device))
-            m["trained"] = load_model(path, device)[0]
-            torch.manual_seed(1)
-            m["init"] = type(m["trained"])(m["trained"].config).eval()                  # a fresh initialisation
-            m["segments"] = dp.chunk_batches(data, "train", S["seg_chunks"], 64, T, seed=0, device=device)
-            m["store"] = dp.chunk_batches(data, "train", S["store_chunks"], 64, T, seed=1, device=device)
-            x, y = (torch.cat(t) for t in zip(*dp.chunk_batches(data, "val", S["tune_chunks"] + S["test_chunks"],
-                                                                 64, T, seed=2, device=device)))
-            m["tune"], m["test"] = [(x[:S["tune_chunks"]], y[:S["tune_chunks"]])], [(x[S["tune_chunks"]:],
-                                                                                     y[S["tune_chunks"]:])]
-        return m
 
-    def layerwise():
-        out = {}
-        for label in ("init", "trained"):
-            corr, g_ppl = dp.layer_correlations(setup()[label], m["segments"], S["group"], S["n_groups"])
-            out[label] = dict(spearman=corr, group_ppl=g_ppl.tolist())
-        return out
-    lw = R.get("layerwise", layerwise)
-    for label in ("init", "trained"):
-        log(f"{label}: " + "  ".join(f"{k} {v:+.2f}" for k, v in lw[label]["spearman"].items()))
-    for layer in (f"attn.{L - 1}", f"ffn_in.{L - 1}", f"mlp.{L - 1}", f"layers.{L}", "final"):
-        r = R.get(f"knn {layer}", lambda: knn_grid(setup()["trained"], m["store"], m["tune"], m["test"], layer))
-        log(f"kNN-LM keys {layer}: ppl {r['knn_ppl']:.3f} (LM {r['lm_ppl']:.3f}), dispersion {r['disp_segments']:.3f} "
-            f"within segments, {r['disp_store']:.3f} over the datastore")
-    return R.rows
+def gap_family(report, final_only=True):
+    """The measured models of the gap part, one dict per (run, snapshot): {name, iter, params, share, seed, acc, gap,
+    within, between, hidden_disp, ppl, label_free ...}; final_only: the snapshots at the run's last iteration."""
+    out = []
+    for run_id, r in flat(report).items():
+        for snap in r["snapshots"][-1:] if final_only else r["snapshots"]:
+            out.append(dict(snap, name=f"{run_id} @ {snap['iter']}", params=r["params_non_embedding"],
+                            share=r["share"], seed=r["seed"], n_layer=r["n_layer"], n_embd=r["n_embd"]))
+    return out
+
+
+PREDICTORS = {"gap": "dispersion gap G (no labels)", "within": "within(T) alone", "between": "between(T, T') alone",
+              "hidden_disp": "question-state dispersion (no labels)", "iter": "training iteration",
+              "params": "parameters", "share": "arithmetic share of the training data",
+              "neg_ppl": "minus the arithmetic perplexity (uses the answers)"}
+
+
+def predictor_table(models):
+    """{predictor: Spearman with accuracy} over the models (None where the predictor is constant over them)."""
+    acc = [m["acc"] for m in models]
+    out = {}
+    for key in PREDICTORS:
+        values = [-m["ppl"] if key == "neg_ppl" else m[key] for m in models]
+        out[key] = None if len(set(values)) < 2 or len(set(acc)) < 2 else correlation(values, acc)["spearman"]
+    return out
+
+
+# ----------------------------------------------------------------------------- the parts
+
+def sweep_runs(S, scale):
+    """[(run_id, config)]: lambda 0 is plain NTP (its scope is irrelevant); seed by seed."""
+    runs = [(setting, "batch" if setting == "single" or lam == 0 else "cross_domain", lam, seed)
+            for seed in S["seeds"] for setting in ("single", "cross") for lam in S["lams"]]
+    runs += [(setting, scope, lam, seed) for seed in S["seeds"] for setting, scope, lam in S["extra"]]
+    return [(f"{setting}_{scope}_{lam}_{seed}",
+             dict(part="sweep", scale=scale, setting=setting, scope=scope, lam=lam, seed=seed, iters=S["iters"],
+                  batch_size=S["batch_size"], **S["model"], eval_chunks=S["eval_chunks"]))
+            for setting, scope, lam, seed in runs]
+
+
+def gap_runs(S, scale):
+    g = S["gap"]
+    return [(f"{L}x{d}_share{share:g}_s{seed}",
+             dict(part="gap", scale=scale, n_layer=L, n_embd=d, n_head=max(1, d // 32), share=share, seed=seed,
+                  iters=g["iters"], snapshots=[g["iters"] // 2, g["iters"]], batch_size=S["batch_size"],
+                  block_size=max(64, S["model"]["block_size"]), problems=g["problems"]))
+            for seed in g["seeds"] for share in g["shares"] for L, d in g["sizes"]]
+
+
+def knn_runs(S, scale):
+    return [(f"shakespeare_{S['model']['n_layer']}x{S['model']['n_embd']}_s{seed}",
+             dict(part="knn", scale=scale, seed=seed, iters=S["iters"], batch_size=S["batch_size"], **S["model"]))
+            for seed in S["knn"]["seeds"]]
+
+
+RUNS = {"sweep": sweep_runs, "gap": gap_runs, "knn": knn_runs}
+
+
+def train_argv(cfg, out_dir, device="cpu"):
+    """train.py flags of a run (every part trains byte GPTs; the sweep's with the dispersion loss)."""
+    S = dict(model={k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}, batch_size=cfg["batch_size"])
+    argv = ["--objective", "dispersion" if cfg["part"] != "gap" else "ntp", "--seed", str(cfg["seed"]), "--out_dir",
+            out_dir] + model_flags(S, device)
+    if cfg["part"] == "sweep":
+        return argv + ["--dataset", DATASETS[cfg["setting"]], "--dispersion_weight", str(cfg["lam"]),
+                       "--dispersion_scope", cfg["scope"], "--max_iters", str(cfg["iters"]), "--overwrite"]
+    if cfg["part"] == "gap":
+        return argv + ["--dataset", f"file:{mixed_file(cfg['share'])}"]
+    return argv + ["--dataset", "shakespeare", "--dispersion_weight", "0", "--max_iters", str(cfg["iters"]),
+                   "--overwrite"]
+
+
+def run_sweep(cfg, out_dir, S, device="cpu"):
+    model = load_model(run_training(train_argv(cfg, out_dir, device)), device)[0]
+    return dict(domains=domain_eval(model, load_data(DATASETS[cfg["setting"]], "bytes"), cfg["eval_chunks"],
+                                    cfg["block_size"]))
+
+
+def run_gap(cfg, out_dir, S, device="cpu"):
+    """The run's snapshots (half-way and the end), each measured on the held-out arithmetic questions."""
+    windows = arithmetic_windows(arithmetic_problems(cfg["problems"], seed=1))
+    rows = train_with_snapshots(train_argv(cfg, out_dir, device), cfg["snapshots"],
+                                lambda m: measure_arithmetic(m, windows, S), device)
+    params = sum(p.numel() for n, p in rows[-1]["model"].named_parameters() if "wte" not in n and "wpe" not in n)
+    return dict(params_non_embedding=params, snapshots=[{k: v for k, v in r.items() if k != "model"} for r in rows])
+
+
+def run_one(part, run_id, cfg, S, out, work, device="cpu", log=print, reuse_stale=False):
+    """Train and measure one run unless the part's results file already holds it for this code and config."""
+    code = records.code_hash([__name__])
+    if results_file(part, cfg["scale"], out).reusable(run_id, cfg, code, reuse_stale) is not None:
+        return False
+    prov = records.provenance(cfg, [__name__], device)
+    out_dir = os.path.join(work, part, run_id)
+    log(f"{part} {run_id}: training into {out_dir}")
+    metrics = {"sweep": run_sweep, "gap": run_gap, "knn": run_knn}[part](cfg, out_dir, S, device)
+    record = dict(config=cfg, metrics=metrics, provenance=records.finish(prov))
+    with records.Locked(results_path(part, cfg["scale"], out)):
+        results_file(part, cfg["scale"], out).add(run_id, record)
+    log(f"{part} {run_id}: done in {record['provenance']['wall_seconds']:.0f}s")
+    return True
+
+
+def run(part, scale="cpu", out=None, work=None, device="cpu", log=print, shard=(0, 1), only=None,
+        reuse_stale=False):
+    """Run (this shard of) one part, or 'all'; returns {part: the results file's data}."""
+    if scale not in SCALES:
+        raise UserError(f"unknown scale {scale!r}: choose from {', '.join(SCALES)}")
+    if part not in PARTS + ("all",):
+        raise UserError(f"unknown part {part!r}: choose from {', '.join(PARTS)} or all")
+    S, out = SCALES[scale], out or os.path.join(ROOT, "results")
+    work = work or os.path.join(ROOT, "out", "dispersion", scale)
+    reports = {}
+    for p in PARTS if part == "all" else (part,):
+        runs = [(i, c) for i, c in RUNS[p](S, scale) if only is None or re.search(only, i)][shard[0]::shard[1]]
+        for run_id, cfg in runs:
+            try:
+                run_one(p, run_id, cfg, S, out, work, device, log, reuse_stale)
+            except UserError as e:  # say so and go on with the next run
+                log(f"{p} {run_id}: failed: {e}")
+        reports[p] = results_file(p, scale, out).data
+    return reports
+
+
+# ----------------------------------------------------------------------------- bench verify
+
+def rerun(experiment, run_id, record, work):
+    """bench verify: the run again, from nothing, in `work` (its results file there too); returns its record."""
+    part, cfg = experiment.removeprefix("dispersion_"), record["config"]
+    run_one(part, run_id, cfg, SCALES[cfg["scale"]], work, work, log=lambda *a: None)
+    return results_file(part, cfg["scale"], work).data["runs"][run_id]
+
+
+def compared(record):
+    """What bench verify compares, each with the noise allowed when the thread count differs (1% of a perplexity,
+    0.02 of a dispersion or an accuracy): sweep, every domain's perplexity and dispersion; gap, the last snapshot's
+    accuracy, G and arithmetic perplexity; knn, every key space's kNN-LM perplexity and dispersion."""
+    m, part = record["metrics"], record["config"]["part"]
+    if part == "sweep":
+        return dict({f"ppl {d}": (v["ppl"], 0.01 * v["ppl"]) for d, v in m["domains"].items()},
+                    **{f"disp {d}": (v["disp"], 0.02) for d, v in m["domains"].items()})
+    if part == "gap":
+        last = m["snapshots"][-1]
+        return {"acc": (last["acc"], 0.02), "gap": (last["gap"], 0.02), "ppl": (last["ppl"], 0.01 * last["ppl"])}
+    return dict({f"knn ppl {k}": (v["knn_ppl"], 0.01 * v["knn_ppl"]) for k, v in m["layers"].items()},
+                **{f"disp {k}": (v["disp_segments"], 0.02) for k, v in m["layers"].items()})
 
 
 # ----------------------------------------------------------------------------- command line
 
-PARTS = {"sweep": sweep, "arithmetic": arithmetic, "layers_knn": layers_knn}
-
-
 def main(argv=None):
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m bench dispersion", description=__doc__.splitlines()[0])
     p.add_argument("part", choices=list(PARTS) + ["all"])
     p.add_argument("--scale", choices=list(SCALES), default="cpu")
-    p.add_argument("--out_dir", default="out/dispersion")
+    p.add_argument("--out", default=os.path.join(ROOT, "results"), help="folder of dispersion_<part>.json")
+    p.add_argument("--work", default=None, help="folder of the checkpoints (default out/dispersion/<scale>)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--shard", default="0/1", help="I/N: every N-th run starting at run I")
+    p.add_argument("--only", default=None, help="only the runs whose id matches this regular expression")
+    p.add_argument("--reuse_stale", action="store_true", help="keep finished runs of other code, marked stale")
     a = p.parse_args(argv)
-    for name in (PARTS if a.part == "all" else [a.part]):
-        PARTS[name](a.scale, os.path.join(a.out_dir, a.scale), None, a.device)
+    m = records.shard(a.shard)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    run(a.part, a.scale, a.out, a.work, a.device, lambda s: print(s, flush=True), m, a.only,
+        a.reuse_stale)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ record is {"config": the full configuration (flags, seed), "metrics": ..., "prov
   Results                      one results file: .reusable(run_id, config, code) gives a finished record only when
                                its code hash and configuration match (a record of other code is trained afresh;
                                reuse_stale=True keeps it but marks it "stale"); .add(run_id, record) writes it
+  current_codes(data, code)    which code hashes count as today's: `code`, and any code one of whose runs
+                               `bench verify --record` re-ran at `code` bit for bit (so a change elsewhere in the
+                               repository costs one re-check per experiment, not a re-run of every sweep)
   checkpoint_matches           the same rule for a run's checkpoint folder (its provenance.json)
   verify(path, run_id)         re-run one run in a temporary folder at the current code and compare: exactly when
                                the run is deterministic on the same thread count, else within its stated noise
@@ -21,11 +24,13 @@ with the thread count of the record, CPU training here is deterministic and veri
 Timings (tokens/s, speed-ups) are never exact: verify compares them within the stated noise, if at all.
 """
 import ast
+import fcntl
 import hashlib
 import importlib
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -151,6 +156,43 @@ def read_json(path):
         raise UserError(f"{path} is not a readable results file ({type(e).__name__})") from None
 
 
+class Locked:
+    """An exclusive OS lock (flock) tied to a results file, for the time of a read-modify-write: two shards of one
+    sweep write the same file. The lock files live in out/locks/."""
+
+    def __init__(self, path):
+        lock = os.path.join(ROOT, "out", "locks", os.path.abspath(path).strip(os.sep).replace(os.sep, "_") + ".lock")
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+        self.f = open(lock, "w")
+
+    def __enter__(self):
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+
+    def __exit__(self, *a):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def shard(text):
+    """--shard I/N -> (I, N): a sweep's runs I, I + N, I + 2N, .. (N processes split one sweep)."""
+    m = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not m or not int(m[1]) < int(m[2]):
+        raise UserError(f"--shard must be I/N with 0 <= I < N, got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def current_codes(data, code):
+    """The code hashes whose runs in this results file count as made by today's code `code`: `code` itself, and the
+    code of every run that `bench verify --record` re-ran at `code` and found bit for bit equal. A change that leaves
+    one run of some code exactly as it was did not touch what that code's runs compute (CPU training on the
+    record's thread count is deterministic), so its sibling runs of the same code stand too."""
+    codes = {code}
+    for rec in data.get("runs", {}).values():
+        if any(v.get("code") == code and v.get("agree") and v.get("exact") for v in rec.get("verified", [])):
+            codes.add(rec.get("provenance", {}).get("code"))
+    return codes - {None}
+
+
 def same_config(a, b):
     return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
 
@@ -172,7 +214,7 @@ class Results:
         rec = self.data["runs"].get(run_id)
         if rec is None or not same_config(rec.get("config"), config):
             return None
-        if rec.get("provenance", {}).get("code") == code:
+        if rec.get("provenance", {}).get("code") in current_codes(self.data, code):
             return rec
         if reuse_stale:
             rec["stale"] = True
@@ -240,7 +282,7 @@ def verify(path, run_id, work=None, record=False, log=print):
     if record:
         head, dirty = commit()
         rec.setdefault("verified", []).append(dict(commit=head, dirty=dirty, code=code_hash([data["module"]]),
-                                                   threads=torch.get_num_threads(), agree=agree,
+                                                   threads=torch.get_num_threads(), agree=agree, exact=exact,
                                                    date=time.strftime("%Y-%m-%d %H:%M:%S")))
         write_json(path, data)
     return agree

@@ -370,3 +370,127 @@ def test_calm_objectives_default_to_the_byte_tokenizer(tmp_path):
                 "--eval_iters", "1", "--out_dir", str(tmp_path)])
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)["args"]
     assert saved["tokenizer"] == "bytes"
+
+
+# ----------------------------------------------------------------------------- issue 23: the experiments' promises
+
+def smoke_scaling(results, work, **kw):
+    from bench import calm_runs
+    calm_runs.run("smoke_scaling", log=lambda *a: None, results=str(results), work=str(work), **kw)
+    import json
+    return json.loads((results / "calm_smoke_scaling.json").read_text())
+
+
+def test_epochs_seen_is_tokens_trained_over_corpus_tokens(tmp_path):
+    """A toy run (NTP at 1 x 32, 16 iterations of 16 x 32 bytes): its recorded epochs are the tokens it trained on
+    divided by the training split's tokens, counted here from the data itself."""
+    from data import load_data
+    res = smoke_scaling(tmp_path / "r", tmp_path / "w", only=r"ntp x0\.25")
+    point = res["runs"]["ntp x0.25 seed 0"]["points"][0]
+    train_tokens = len(load_data("shakespeare", "bytes").split("train"))
+    assert point["epochs"] == pytest.approx(point["iter"] * 16 * 32 / train_tokens, rel=1e-12)
+    assert res["corpus"]["shakespeare"]["train_tokens"] == train_tokens
+    from bench.calm_runs import epochs_seen
+    assert epochs_seen(10, 4, 8, 320) == 1.0
+    with pytest.raises(UserError, match="smaller than one window"):
+        epochs_seen(10, 4, 8, 8)
+
+
+def test_calm_checkpoints_at_budget_points_resume_to_the_numbers_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """CALM at smoke scale (1 x 32, checkpointed every 5 iterations and kept at every budget point): a run cut after
+    its third save (between two budget points) and started again gives the same scores, losses and weights at every
+    budget point as the same run done in one go."""
+    import shutil
+    from bench import calm_runs
+    whole = smoke_scaling(tmp_path / "a", tmp_path / "wa", only="calm")["runs"]["calm K=4 seed 0"]
+    (tmp_path / "wb").mkdir()
+    shutil.copytree(tmp_path / "wa" / "autoencoders", tmp_path / "wb" / "autoencoders")  # the same autoencoder
+    calls, real = [], trainer.run_quietly
+
+    def cut_at_the_fourth_stage(flags):
+        calls.append(flags)
+        if len(calls) == 4:
+            raise UserError("killed")  # as if the process died: the third save is the last checkpoint
+        return real(flags)
+    monkeypatch.setattr(calm_runs.trainer, "run_quietly", cut_at_the_fourth_stage)
+    cut = smoke_scaling(tmp_path / "b", tmp_path / "wb", only="calm")["runs"]["calm K=4 seed 0"]
+    points = [p["iter"] for p in whole["points"]]
+    assert len(points) == 3 and [p["iter"] for p in cut["points"]] == points[:2]  # cut before its last point
+    monkeypatch.setattr(calm_runs.trainer, "run_quietly", real)
+    resumed = smoke_scaling(tmp_path / "b", tmp_path / "wb", only="calm")["runs"]["calm K=4 seed 0"]
+    keys = ["iter", "train_flops", "val_loss", "train_loss", "epochs"] + [f"brier{n}" for n in range(1, 5)]
+    assert [{k: p[k] for k in keys} for p in resumed["points"]] == [{k: p[k] for k in keys} for p in whole["points"]]
+    for it in points:
+        a = torch.load(tmp_path / "wa" / "smoke_scaling" / "calm_K=4_seed_0" / f"ckpt_{it}.pt", weights_only=False)
+        b = torch.load(tmp_path / "wb" / "smoke_scaling" / "calm_K=4_seed_0" / f"ckpt_{it}.pt", weights_only=False)
+        assert a["iter"] == b["iter"] == it
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_relative_noise_at_sigma_zero_is_the_clean_reconstruction_accuracy(ae_ckpt):
+    from bench import calm_experiments
+    from data import load_data
+    model, _, args, _ = objectives.load_model(str(ae_ckpt[0]))
+    args.device = "cpu"
+    data = load_data("shakespeare", "bytes")
+    out = calm_experiments.robustness(model, data, args, [0.0, 0.3, 1.0], n_batches=2)
+    assert out["recon_rel"]["0"] == out["recon_abs"]["0"] == out["recon_acc"]
+    assert out["recon_acc"] == objectives.ae_evaluate(model, data, args, n_batches=2)["recon_acc"]
+    assert objectives.ae_evaluate(model, data, args, [0.0], 2, relative=True)[0.0] == out["recon_acc"]
+    assert out["latent_rms"] > 0 and out["tokens"] == 2 * args.batch_size * args.block_size
+    assert out["recon_rel"]["1"] <= out["recon_acc"]
+
+
+def test_unigram_baselines_are_exact():
+    """The no-skill scores the figures draw: a unigram model's Brier-1 and the most frequent byte's accuracy."""
+    from bench import calm_experiments
+    data = SimpleNamespace(vocab_size=3, split=lambda s: {"train": [0, 0, 0, 1], "val": [0, 1, 2, 2]}[s])
+    out = calm_experiments.unigram_baselines(data)
+    p, q = [0.75, 0.25, 0], [0.25, 0.25, 0.5]
+    assert out["unigram_brier1"] == pytest.approx(2 * sum(a * b for a, b in zip(p, q)) - sum(a * a for a in p))
+    assert out["mode_accuracy"] == 0.25
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--budgets", "1,0.5"], "--budgets must be increasing positive multiples of the base budget, got 1,0.5"),
+    (["--budgets", "0.5,0.5"], "increasing"),
+    (["--budgets", "0,1"], "positive"),
+    (["--budgets", "a,b"], "--budgets must be comma-separated numbers"),
+    (["--dataset", "file:TINY"], "is smaller than one window"),
+])
+def test_bad_scaling_input_is_one_line(tmp_path, capsys, argv, words):
+    import bench.__main__
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("def f(x):\n    return x\n")
+    argv = [a.replace("TINY", str(tiny)) for a in argv]
+    err = one_line_error(capsys, bench.__main__.main, ["calm", "run", "smoke_scaling", *argv, "--results",
+                                                       str(tmp_path / "r"), "--work", str(tmp_path / "w")])
+    assert words in err
+    assert not (tmp_path / "w" / "smoke_scaling").exists()
+
+
+def test_scaling_options_need_a_scaling_experiment_and_other_results(tmp_path, capsys):
+    import bench.__main__
+    err = one_line_error(capsys, bench.__main__.main, ["calm", "run", "smoke_curves", "--budgets", "1,2",
+                                                       "--results", str(tmp_path)])
+    assert "--budgets applies only to the experiments" in err
+    err = one_line_error(capsys, bench.__main__.main, ["calm", "run", "smoke_scaling", "--budgets", "1,2"])
+    assert "--results DIR" in err
+
+
+def test_negative_eval_noise_is_a_one_line_error(tmp_path, capsys):
+    err = one_line_error(capsys, train.main, TINY + ["--objective", "autoencoder", "--eval_noise", "-0.1",
+                                                     "--out_dir", str(tmp_path)])
+    assert "--eval_noise must be >= 0, got -0.1" in err and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_the_figures_shakespeare_baselines_are_the_corpus_own():
+    """keyfigs/calm.py's SHAKESPEARE (for results files written before the corpus was recorded) = the data's."""
+    import sys
+    from pathlib import Path
+    from bench import calm_experiments
+    from data import load_data
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tutorials"))
+    from keyfigs import calm as figs
+    got = calm_experiments.unigram_baselines(load_data("shakespeare", "bytes"))
+    assert got == {k: pytest.approx(v, abs=5e-5) for k, v in figs.SHAKESPEARE.items()}

@@ -108,32 +108,27 @@ def test_explicit_choices_fail_offline_with_advice(monkeypatch, tmp_path):
 
 # ----------------------------------------------------------------------------- synthetic tasks (MTP)
 
-def brute_force_guess_baseline(texts):
-    """For every recurring name's second character (an upper-case letter seen before, then its character), 1 over
-    the number of distinct characters that followed an upper-case letter earlier in the text; the mean."""
-    scores = []
-    for text in texts:
-        for j in range(1, len(text)):
-            if text[j - 1].isupper() and text[j - 1] in text[:j - 1]:
-                seconds = {text[i + 1] for i in range(j - 1) if text[i].isupper()}
-                scores.append(1 / len(seconds))
+def brute_force_guess_baseline(texts, scored):
+    """For every scored character, 1 over the number of distinct characters before it in its text; the mean."""
+    scores = [1 / len(set(text[:j])) for text, positions in zip(texts, scored) for j in positions]
     return sum(scores) / len(scores)
 
 
 def test_induction_guess_baseline_equals_a_brute_force_count_on_a_hand_made_batch():
-    texts = ["aA1bB2cA1dC3eB2", "xA1yA1zD4wA1", "K5mL6nK5oM7pL6qM7"]
-    # by hand: 'A1' again after {1, 2} seen: 1/2; 'B2' after {1, 2, 3}: 1/3 | 1/1, then 1/2 | 1/2, 1/3, 1/3
-    expected = (1 / 2 + 1 / 3 + 1 + 1 / 2 + 1 / 2 + 1 / 3 + 1 / 3) / 7
-    assert brute_force_guess_baseline(texts) == pytest.approx(expected)
-    tok = data.INDUCTION_TOKENIZER
-    scored = [[j for j in range(1, len(t)) if t[j - 1].isupper() and t[j - 1] in t[:j - 1]] for t in texts]
-    tokens, mask = data.encode_episodes(tok, 20, list(zip(texts, scored)))
+    texts = ["abXYZcaXYZ", "pqrsABpqAB", "xyzxyz"]
+    scored = [[8, 9], [8, 9], [4, 5]]  # the symbols of each recurrence after its first
+    # by hand: 'Y' after {a, b, X, Y, Z, c}: 1/6, 'Z' after the same: 1/6 | 1/6, 1/6 | 1/3, 1/3
+    expected = (4 / 6 + 2 / 3) / 6
+    assert brute_force_guess_baseline(texts, scored) == pytest.approx(expected)
+    tokens, mask = data.encode_episodes(data.INDUCTION_TOKENIZER, 12, list(zip(texts, scored)))
     assert data.induction_guess_baseline(tokens, mask) == pytest.approx(expected)
-    ds = data.load_data("induction:names=5,length=30")  # generated episodes: every name is introduced first
-    texts = [tok.decode(e[1:]).rstrip("_") for e in ds.episodes["val"][:200]]
+    ds = data.load_data("induction:names=2,name_len=5,length=40")  # generated episodes
+    texts = [data.INDUCTION_TOKENIZER.decode(e[1:]) for e in ds.episodes["val"][:200]]
+    scored = [[j - 1 for j in np.nonzero(s)[0]] for s in ds.scored["val"][:200]]
+    assert all(len(p) == 8 for p in scored)  # 2 names x 4 symbols after the cue
     assert data.induction_guess_baseline(ds.episodes["val"][:200], ds.scored["val"][:200]) == pytest.approx(
-        brute_force_guess_baseline(texts)) == pytest.approx(1 / 5)
-    assert ds.no_skill("val") == dict(chance=0.1, guess_seen=pytest.approx(0.2))
+        brute_force_guess_baseline(texts, scored))
+    assert ds.no_skill("val")["chance"] == 1 / 62 and ds.no_skill("val")["guess_seen"] < 0.1
 
 
 def test_polynomial_no_skill_baselines():
@@ -152,7 +147,8 @@ def test_configured_task_names_and_their_one_line_errors():
     assert ds.E == 8 * 2 + 13 and set(ds.splits) == {"train", "val", "val:ood"}
     assert all("+" in ds.tokenizer.decode(e) and "*" not in ds.tokenizer.decode(e) for e in ds.episodes["val"][:50])
     for bad, message in [("polynomial:ops=", "non-empty set"), ("polynomial:m=2-3,ood=3", "more operations"),
-                         ("induction:names=1", "2 to 10 distinct names"), ("induction:names=x", "whole number"),
+                         ("induction:names=0", "at least 1 name"), ("induction:names=x", "whole number"),
+                         ("induction:names=9,name_len=7", "fewer distinct names"),
                          ("polynomial:loss=some", "loss must be"), ("polynomial:m=0", "1 <= low")]:
         with pytest.raises(UserError, match=message):
             data.load_data(bad)

@@ -1,6 +1,7 @@
 """Representation dispersion: the O(N d) metric against brute force and closed forms, the push-away objective
 against NTP, and the kNN-LM against its two limits."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -456,3 +457,49 @@ def test_sweep_table_pairs_every_run_with_the_lambda_zero_run_of_its_seed():
     base, pushed = table[("-", 0)], table[("cross_domain", 0.1)]
     assert base[5:7] == (15.0, 5.0)                                    # mean 15, s.e. = sample std 7.07 / sqrt(2)
     assert pushed[7:9] == (-1.0, 0.0)                                 # both seeds 1 lower: no spread in the change
+
+
+def test_parts_at_smoke_scale_write_records_with_provenance_and_verify(tmp_path, capsys):
+    """Every part writes bench/records.py's format (config, metrics, provenance per run); the kNN part names the most
+    dispersed key space and the best one; a finished run is reused; `bench verify` re-runs one run and agrees."""
+    from bench import dispersion_experiments as dx, records
+    out, work = tmp_path / "results", tmp_path / "work"
+    reports = dx.run("all", "smoke", str(out), str(work), log=lambda *a: None)
+    code = records.code_hash(["bench.dispersion_experiments"])
+    for part, report in reports.items():
+        assert report["experiment"] == f"dispersion_{part}" and report["module"] == "bench.dispersion_experiments"
+        assert all(r["provenance"]["code"] == code and r["provenance"]["config"] == r["config"]
+                   for r in report["runs"].values())
+    assert len(reports["sweep"]["runs"]) == 8 and len(reports["gap"]["runs"]) == 4 and len(reports["knn"]["runs"]) == 2
+    for r in reports["knn"]["runs"].values():
+        layers = r["metrics"]["layers"]
+        assert r["metrics"]["most_dispersed"] == max(layers, key=lambda k: layers[k]["disp_segments"])
+        assert r["metrics"]["best"] == min(layers, key=lambda k: layers[k]["knn_ppl"])
+        assert "final" in layers and "attn.0" in layers and "layers.0" not in layers
+    snaps = [s["iter"] for r in reports["gap"]["runs"].values() for s in r["metrics"]["snapshots"]]
+    assert sorted(set(snaps)) == [4, 8]
+    before = (out / "dispersion_gap_smoke.json").read_text()
+    dx.run("gap", "smoke", str(out), str(work), log=lambda *a: pytest.fail("retrained " + a[0]))
+    assert (out / "dispersion_gap_smoke.json").read_text() == before
+    assert records.verify(str(out / "dispersion_sweep_smoke.json"), "single_batch_0.1_1", work=str(tmp_path))
+    assert capsys.readouterr().out.strip().endswith("agree")
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tutorials"))
+    from keyfigs import dispersion as figs  # every key figure draws from these files (tick labels: no layer ids)
+    for name in ("layerwise_correlation", "lambda_sweep", "knn_layer_choice", "gap_model_selection"):
+        fig = figs.FIGURES[name](reports)
+        assert fig.axes and fig.axes[0].has_data(), name
+    labels = [t.get_text() for t in figs.knn_layer_choice(reports).axes[0].get_xticklabels()]
+    assert "attention 1" in labels and "final (after LN)" in labels and not any("." in t for t in labels)
+    rho = figs.predictors(figs.gap_family(reports["gap"]))
+    assert rho["iter"] is None  # every model of the family at the same iteration
+
+
+def test_predictor_table_ranks_against_accuracy_and_leaves_constant_predictors_out():
+    from bench import dispersion_experiments as dx
+    models = [dict(acc=a, gap=g, within=g, between=-g, hidden_disp=1.0, iter=100, params=p, share=s, ppl=10 - 5 * a)
+              for a, g, p, s in ((0.1, 1.0, 10, 0.1), (0.5, 0.5, 20, 0.25), (0.9, 2.0, 30, 0.5))]
+    rho = dx.predictor_table(models)
+    assert rho["iter"] is None and rho["hidden_disp"] is None          # constant over the family: no ranking
+    assert rho["params"] == pytest.approx(1.0) and rho["neg_ppl"] == pytest.approx(1.0)
+    assert rho["gap"] == pytest.approx(0.5) and rho["between"] == pytest.approx(-0.5)

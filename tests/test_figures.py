@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,8 +126,15 @@ def test_notebook_shows_its_key_figures_through_keyfigs(name):
         assert results["meta"]["scale"] == "cpu" and len(results["checkpoints"]) == 15
     elif name == "dispersion":  # one file per part, each written by `python -m bench dispersion <part>` at cpu scale
         results = keyfigs.load(keyfigs.results_path(module))
-        assert sorted(results) == ["arithmetic", "layers_knn", "sweep"]
-        assert all(r["scale"] == "cpu" and r["rows"] for r in results.values())
+        assert sorted(results) == ["gap", "knn", "sweep"]
+        assert all(r["experiment"] == f"dispersion_{part}" and r["runs"] and
+                   all("provenance" in run and run["config"]["scale"] == "cpu" for run in r["runs"].values())
+                   for part, r in results.items())
+    elif name == "mtp":  # bench/records.py's format, every run with its configuration and provenance
+        for part in ("size", "induction", "polynomial", "bytes", "speedup"):
+            results = json.loads((ROOT / "results" / f"mtp_{part}.json").read_text())
+            assert results["experiment"] == f"mtp_{part}" and results["runs"]
+            assert all({"config", "metrics", "provenance"} <= set(r) for r in results["runs"].values())
 
 
 FIGURE_OF_TWO_PARTS = '''import matplotlib.pyplot as plt
@@ -214,11 +222,12 @@ def test_calm_figures_draw_what_exists_and_figures_py_skips_a_missing_part(tmp_p
         assert fig.axes and all(a.has_data() for a in fig.axes[:2]), name
     assert len(figs.performance_vs_compute(results).axes) == 2  # one backbone size, Brier-1 and BrierLM
     heads = figs.heads(results).axes[0].get_legend_handles_labels()[1]
-    assert sorted(heads) == ["MSE (regression)", "diffusion (1 seed)", "energy (1 seed)", "flow (1 seed)"]
+    assert sorted(heads) == ["MSE (regression)", "diffusion (1 seed)", "energy (1 seed)", "flow (1 seed)",
+                             "no skill: unigram bytes (0.054)"]
     recipe = {"runs": {"calm K=4 lr=0.001": dict(flags={}, points=[calm_point(5, 1e12, 0.1), calm_point(9, 2e12, 0.2)]),
                        "ntp lr=0.003 cos": dict(flags={}, points=[calm_point(3, 1e12, 0.3), calm_point(6, 2e12, 0.4)])}}
     assert [t.get_text() for t in figs.recipe_sweep({"recipe": recipe}).axes[0].get_yticklabels()] == \
-        ["calm K=4 lr=0.001", "ntp lr=0.003 cos"]
+        ["CALM, learning rate 0.001", "NTP, learning rate 0.003, cosine"]  # labels for slides, not run names
     root = fake_tutorials(tmp_path, monkeypatch)
     nbformat.write(nbformat.v4.new_notebook(), root / "tutorials" / "calm.ipynb")
     (root / "tutorials" / "keyfigs" / "calm.py").write_text((TUTORIALS / "keyfigs" / "calm.py").read_text())
@@ -231,28 +240,128 @@ def test_calm_figures_draw_what_exists_and_figures_py_skips_a_missing_part(tmp_p
     assert len(list((root / "figs").glob("calm-*.svg"))) == 4
 
 
+def scaling_results():
+    """scaling_4x128 with 2 seeds (seed 1's CALM cut after two budgets), recorded corpus facts; head_study;
+    autoencoder_noise (the plain arm with one seed fewer)."""
+    def point(it, flops, b1, exact=None, epochs=0.5):
+        p = calm_point(it, flops, b1, se=0.005)
+        p.update(epochs=epochs, train_loss=1.0)
+        if exact is not None:
+            p.update(brier1_exact=exact, brier1_exact_se=0.002, brierlm_vr=10 * exact)
+        return p
+    base = 1e13
+    runs = {}
+    for seed in (0, 1):
+        for b, ntp in ((0.5, 0.30), (1, 0.35), (2, 0.38), (4, 0.40)):
+            runs[f"ntp x{b:g} seed {seed}"] = dict(flags={}, points=[point(int(100 * b), b * base, ntp - 0.01, ntp + 0.01 * seed, b / 4)])
+        calm = [point(int(200 * b), b * base * 1.001, 0.1 + 0.05 * i + 0.01 * seed, epochs=b / 2)
+                for i, b in enumerate((0.5, 1, 2, 4))]
+        runs[f"calm K=4 seed {seed}"] = dict(flags={}, points=calm if seed == 0 else calm[:2])
+    corpus = {"pystdlib": dict(dataset="pystdlib", train_tokens=10, val_tokens=1, unigram_brier1=0.09, mode_accuracy=0.28)}
+    study = {f"{head} seed {s}": dict(flags={}, points=[calm_point(100 * f, 1e12 * f, b + 0.02 * f + 0.01 * s)
+                                                       for f in (1, 2, 4)])
+             for head, b in (("energy", 0.19), ("flow", 0.25)) for s in (0, 1)}
+    study.update({f"energy {c} seed {s}": dict(flags={}, points=[calm_point(100, 1e12, b + 0.01 * s)])
+                  for c, b in (("N=16", 0.2), ("head width 128", 0.265)) for s in (0, 1)})
+    ae = {f"{arm} seed {s}": dict(flags={}, points=[dict(iter=10, recon_acc=1.0, latent_rms=r, tokens=4096,
+          recon_rel={"0": 1.0, "0.3": 0.99 - drop, "1": 0.9 - 3 * drop}, recon_abs={"0": 1.0, "0.3": 0.99, "1": 0.9})])
+          for arm, r, drop in (("regularised", 1.0, 0.0), ("no variational", 2.0, 0.01), ("plain", 3.0, 0.1))
+          for s in range(3 if arm != "plain" else 2)}
+    return {"scaling_4x128": {"runs": runs, "corpus": corpus}, "head_study": {"runs": study},
+            "autoencoder_noise": {"runs": ae}}
+
+
+def test_scaling_pairs_ntp_and_calm_by_seed_and_budget():
+    from keyfigs import calm as figs
+    rows = figs.scaling_rows(scaling_results()["scaling_4x128"]["runs"])
+    assert [r["budget"] for r in rows] == [0.5, 1, 2, 4]
+    assert [len(r["calm"]) for r in rows] == [2, 2, 1, 1] and all(len(r["ntp"]) == 2 for r in rows)
+    r = rows[0]  # seed 0: 0.10 / 0.30, seed 1: 0.11 / 0.31 (NTP's exact Brier-1, not its sampled one)
+    assert r["ratio"] == pytest.approx((0.10 / 0.30 + 0.11 / 0.31) / 2) and r["ratio_seeds"] == 2
+    assert r["ratio_se"] >= abs(0.10 / 0.30 - 0.11 / 0.31) / 2  # at least the spread over the two seeds
+    assert r["ntp_brier1"][0] == pytest.approx(0.305) and r["calm_epochs"] == 0.25 and r["ntp_epochs"] == 0.125
+    assert rows[-1]["ratio_seeds"] == 1 and rows[-1]["ratio"] == pytest.approx(0.25 / 0.40)
+
+
+def test_the_headline_is_an_interpolation_or_a_stated_extrapolation():
+    from keyfigs import calm as figs
+    rows = figs.scaling_rows(scaling_results()["scaling_4x128"]["runs"])
+    h = figs.headline(rows)
+    # CALM's 0.25 at 4e13 is below NTP's smallest budget (0.305 at 5e12): no equivalent compute inside the curve
+    assert h["equivalent"] is None and h["slope"] > 0
+    ratios = [r["ratio"] for r in rows]
+    slope, icpt = np.polyfit(np.log10([r["flops"] for r in rows]), ratios, 1)
+    assert h["crossing"] == pytest.approx(10 ** ((1 - icpt) / slope))
+    for r in rows:  # NTP lower: now CALM's last Brier-1 is inside NTP's range
+        for s, p in r["ntp"]:
+            p["brier1_exact"] -= 0.1
+    h = figs.headline(figs.scaling_rows({**{f"ntp x{r['budget']:g} seed {s}": dict(points=[p]) for r in rows
+                                            for s, p in r["ntp"]},
+                                         **{k: v for k, v in scaling_results()["scaling_4x128"]["runs"].items()
+                                            if k.startswith("calm")}}))
+    assert h["equivalent"]["calm_flops"] == 4e13  # the budget, NTP's FLOPs (CALM's are within 1% of them)
+    assert 5e12 < h["equivalent"]["ntp_flops"] < 4e13
+
+
+def test_issue23_figures_draw_with_baselines_and_the_paper(tmp_path):
+    from keyfigs import calm as figs
+    results = scaling_results()
+    for name in ("scaling", "head_study", "autoencoder_noise"):
+        fig = figs.FIGURES[name](results)
+        texts = [t.get_text() for a in fig.axes for t in a.texts]
+        labels = [t for a in fig.axes for t in a.get_legend_handles_labels()[1]]
+        assert any(t.startswith("paper:") for t in texts), name  # the paper's result, in one line of text
+        assert any(l.startswith("no skill") for l in labels), name  # the baseline a model with no skill reaches
+        fig.savefig(tmp_path / f"{name}.png")
+    texts = [t.get_text() for a in figs.head_study(results).axes for t in a.texts]
+    assert any("closes the gap" in t and "head as wide as the backbone" in t for t in texts)
+    weak = scaling_results()
+    for k in [k for k in weak["head_study"]["runs"] if k.startswith("energy ")]:
+        weak["head_study"]["runs"][k]["points"][0]["brier1"] = 0.15
+    assert any(t.startswith("null result") for a in figs.head_study(weak).axes for t in [x.get_text() for x in a.texts])
+    verdict = figs.robustness_verdict(results["autoencoder_noise"]["runs"]).splitlines()
+    assert verdict[0].startswith("σ = 0.3 × RMS: regularised 0.990 vs plain 0.890 (+0.100")
+    assert verdict[1].startswith("σ = 1 × RMS: regularised 0.900 vs plain 0.600")
+    assert "scaling_4x128" in figs.NEEDS["scaling"] and figs.baseline(results, "scaling_4x128") == 0.09
+    assert figs.baseline({}, "curves_4x128") == figs.SHAKESPEARE["unigram_brier1"]
+
+
 def mtp_results():
     """size (2 seeds of n = 1, 2 at one size; one of a larger size, n = 4 without its n = 1: unpaired), induction
-    (n = 2 with one seed), polynomial, bytes and speedup; the schema of bench/mtp_experiments.py."""
+    (n = 2 with one seed), polynomial, bytes and speedup; bench/records.py's format, as bench/mtp_experiments.py
+    writes it."""
+    def rec(cfg, metrics):
+        return dict(config=cfg, metrics=metrics, provenance=dict(commit="abc", code="sha256:x", threads=1,
+                                                                 seed=cfg.get("seed"), hardware="test"))
+
     def size_run(L, d, n, s, loss):
-        return dict(n_layer=L, n_embd=d, n=n, seed=s, params_non_embedding=12 * L * d * d, val_loss_h1=loss,
-                    brier1=1 - loss / 3, brierlm=30 - 5 * loss, brier1_se=0.01, brierlm_se=1.0, tokens=1, seconds=1.0)
+        return rec(dict(sweep="size", model=[L, d, 2], n=n, seed=s), dict(
+            params_non_embedding=12 * L * d * d, val_loss_h1=loss, brier1=1 - loss / 3, brierlm=30 - 5 * loss,
+            brier1_se=0.01, brierlm_se=1.0, tokens=24 * L * d * d, trunk_blocks=L - n, train_seconds=1.0))
     size = {f"{L}x{d}_n{n}_s{s}": size_run(L, d, n, s, loss) for L, d, n, s, loss in (
         (4, 16, 1, 0, 2.0), (4, 16, 2, 0, 2.1), (4, 16, 1, 1, 2.2), (4, 16, 2, 1, 2.5), (8, 32, 1, 0, 1.5),
         (8, 32, 2, 0, 1.4), (8, 32, 4, 1, 1.0))}
-    task = lambda L, d, n, s, acc, ood=False: dict(
-        n_layer=L, n_embd=d, n=n, seed=s, params_non_embedding=12 * L * d * d, acc_val=acc, token_acc_val=acc,
-        **(dict(acc_val_ood=acc / 2, token_acc_val_ood=acc / 2, acc_ops1_val=acc) if ood else {}))
+
+    def task(L, d, n, s, acc, ood=False):
+        base = dict(val=dict(chance=0.1, guess_seen=0.125)) if not ood else dict(
+            val=dict(chance=7 ** -5, chance_per_digit=1 / 7, common_digit=0.0, common_digit_per_digit=0.17),
+            val_ood=dict(chance=7 ** -5, chance_per_digit=1 / 7, common_digit=0.0, common_digit_per_digit=0.2))
+        m = dict(params_non_embedding=12 * L * d * d, acc_val=acc, token_acc_val=acc, n_scored_val=100,
+                 curve=[dict(iter=10, acc_val=acc / 2), dict(iter=20, acc_val=acc)], no_skill=base)
+        if ood:
+            m.update(acc_val_ood=acc / 2, token_acc_val_ood=acc / 2, acc_m1_val=acc, acc_m2_val_ood=acc / 2,
+                     acc_m1_add_val=1.0, n_scored_val_ood=100)
+        return rec(dict(sweep="polynomial" if ood else "induction", model=[L, d, 2], n=n, seed=s), m)
     induction = {f"4x{d}_n{n}_s{s}": task(4, d, n, s, 0.1 + d / 100 + n / 10) for d in (16, 32) for n in (1, 2)
                  for s in range(2) if not (n == 2 and s == 1)}
     polynomial = {f"4x16_n{n}_s0": task(4, 16, n, 0, 0.01 * n, True) for n in (1, 2, 4)}
-    byt = {f"{ds}_n{n}": dict(dataset=ds, n=n, n_layer=4, n_embd=16, tokens_per_forward=1 + n / 4, per_prompt=[1.5],
-                              identical=True, tokens_per_forward_t1=1 + n / 5, val_loss_h1=2.0, seconds=1.0)
-           for ds in ("pystdlib", "shakespeare") for n in (2, 4)}
-    speed = {"code": dict(n=4, n_layer=4, n_embd=32, verify_over_step=1.3, speedup=1.2, speedup_se=0.1,
-                          tokens_per_forward=1.8, per_prompt=[dict(tokens_per_forward=1.5, speedup=1.1),
-                                                              dict(tokens_per_forward=2.1, speedup=1.5)])}
-    return {name: {"sweep": name, "scale": "cpu", "hardware": "test", "runs": runs} for name, runs in (
+    byt = {f"{ds}_n{n}": rec(dict(sweep="bytes", model=[4, 16, 2], n=n, data=ds), dict(
+        dataset=ds, n=n, n_layer=4, n_embd=16, tokens_per_forward=1 + n / 4, per_prompt=[1.5], identical=True,
+        tokens_per_forward_t1=1 + n / 5, val_loss_h1=2.0)) for ds in ("pystdlib", "shakespeare") for n in (2, 4)}
+    speed = {"code": rec(dict(sweep="speedup", model=[4, 32, 2], n=4), dict(
+        n=4, n_layer=4, n_embd=32, verify_over_step=1.3, speedup=1.2, speedup_se=0.1, tokens_per_forward=1.8,
+        per_prompt=[dict(tokens_per_forward=1.5, speedup=1.1), dict(tokens_per_forward=2.1, speedup=1.5)]))}
+    return {name: {"experiment": f"mtp_{name}", "module": "bench.mtp_experiments", "runs": runs} for name, runs in (
         ("size", size), ("induction", induction), ("polynomial", polynomial), ("bytes", byt), ("speedup", speed))}
 
 
@@ -271,7 +380,8 @@ def test_mtp_figures_draw_what_exists_and_figures_py_skips_a_missing_part(tmp_pa
         fig = fn(results)
         assert fig.axes and fig.axes[0].has_data(), name
     labels = figs.induction_vs_size(results).axes[0].get_legend_handles_labels()[1]
-    assert sorted(labels) == ["chance (10 digits)", "n = 1 (2 seeds)", "n = 2 (1 seed)"]
+    assert sorted(labels) == ["chance (0.100)", "n = 1 (2 seeds)", "n = 2 (1 seed)",
+                              "no induction: guess among seen (0.125)"]
     root = fake_tutorials(tmp_path, monkeypatch)
     nbformat.write(nbformat.v4.new_notebook(), root / "tutorials" / "mtp.ipynb")
     (root / "tutorials" / "keyfigs" / "mtp.py").write_text((TUTORIALS / "keyfigs" / "mtp.py").read_text())

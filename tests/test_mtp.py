@@ -17,7 +17,7 @@ import data
 import sample
 import train
 import trainer
-from bench import mtp_experiments as mx
+from bench import mtp_experiments as mx, records
 from gpt import GPT, GPTConfig
 from runtime import UserError
 import objectives
@@ -245,33 +245,35 @@ def parse_poly(s):
 
 
 def test_task_generators_are_deterministic_and_correct():
-    a, b = data.make_task_split.__wrapped__("polynomial", "train", 300, 5), data.make_task_split.__wrapped__(
-        "polynomial", "train", 300, 5)
+    full = "polynomial:ops=+*o-,m=1-5,ood=6-8"  # the paper's mix; the default is + * - with 1 operation, ood 2
+    a, b = data.make_task_split.__wrapped__(full, "train", 300, 5), data.make_task_split.__wrapped__(full, "train", 300, 5)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    assert not np.array_equal(a[0], data.make_task_split.__wrapped__("polynomial", "train", 300, 6)[0])
+    assert not np.array_equal(a[0], data.make_task_split.__wrapped__(full, "train", 300, 6)[0])
     tok = data.POLYNOMIAL_TOKENIZER
-    for split, (lo, hi) in [("train", (1, 5)), ("val:ood", (6, 8))]:
-        tokens, scored = data.make_task_split.__wrapped__("polynomial", split, 300, 7)
+    for name, split, (lo, hi), ops in [(full, "train", (1, 5), "+*o-"), (full, "val:ood", (6, 8), "+*o-"),
+                                       ("polynomial", "train", (1, 1), "+*-"), ("polynomial", "val:ood", (2, 2), "+*-")]:
+        tokens, scored = data.make_task_split.__wrapped__(name, split, 300, 7)
+        counts = set()
         for ep, sc in zip(tokens, scored):
             text = tok.decode(ep)
             m = re.fullmatch(r"\n([^=]+)=([0-6]{5});_*", text)
             assert m, text
-            assert lo <= len(re.findall(r"[-+*o]", m.group(1))) <= hi
+            counts.add(len(re.findall(r"[-+*o]", m.group(1))))
+            assert set(re.findall(r"[-+*o]", m.group(1))) <= set(ops)
             assert "".join(map(str, parse_poly(m.group(1)))) == m.group(2)
             assert tok.decode(ep[sc]) == m.group(2)
+        assert counts == set(range(lo, hi + 1))
     tokens, scored = data.make_task_split.__wrapped__("induction", "val", 200, 3)
     assert np.array_equal(tokens, data.make_task_split.__wrapped__("induction", "val", 200, 3)[0])
     tok = data.INDUCTION_TOKENIZER
     for ep, sc in zip(tokens, scored):
-        text = tok.decode(ep)
-        seen, expect = {}, []
-        for j, c in enumerate(text):
-            if c.isupper():
-                assert text[j + 1].isdigit() and seen.get(c, text[j + 1]) == text[j + 1]  # a name keeps its 2nd part
-                if c in seen:
-                    expect.append(j + 1)
-                seen[c] = text[j + 1]
-        assert expect == list(np.nonzero(sc)[0]) and len(expect) >= 3
+        text = tok.decode(ep)[1:]  # without BOS: 48 symbols, a 12-symbol name in each half
+        again = int(np.nonzero(sc)[0][0]) - 2  # the recurrence's cue (text index; + 1 for BOS, the cue not scored)
+        name = text[again:again + 12]
+        first = text.index(name)
+        assert len(set(name)) == 12 and first + 12 <= 24 <= again
+        assert all(text.count(c) == 2 for c in name)  # a name's symbols appear nowhere in the filler
+        assert list(np.nonzero(sc)[0]) == list(range(again + 2, again + 13))
 
 
 def test_task_accuracy_metric_against_an_oracle():
@@ -285,8 +287,93 @@ def test_task_accuracy_metric_against_an_oracle():
         last = torch.from_numpy(ds.scored["val"][:len(x), 1:x.size(1) + 1]).cumsum(1) == 5  # 5th answer digit
         return logits.masked_fill(last.unsqueeze(-1) & (logits == 1), -1.0)
     assert ds.accuracy(one_wrong_digit, "val", 100, batch_size=100) == 0.0
-    x, y = ds.get_batch("train", 4, 80, torch.Generator().manual_seed(0))
-    assert (x[:, 0] == ds.tokenizer.bos).all() and ((y == -1)[:, :-1] == (x[:, 1:] == ds.tokenizer.pad)).all()
+    every = data.load_data("polynomial:loss=all")  # the loss on every token: only padding is ignored
+    x, y = every.get_batch("train", 4, every.E - 1, torch.Generator().manual_seed(0))
+    assert (x[:, 0] == every.tokenizer.bos).all() and ((y == -1)[:, :-1] == (x[:, 1:] == every.tokenizer.pad)).all()
+
+
+def hand_built_polynomial_batch(ds):
+    """Two episodes written by hand, their answers' target positions counted by hand: (x, y, {row: positions})."""
+    episodes = [("(01234+56012)=50246;", 13), ("-(10000*02000)=05000;", 14)]  # (text, index of its '=')
+    tokens, scored = data.encode_episodes(ds.tokenizer, ds.E, [(t, list(range(e + 1, e + 6))) for t, e in episodes])
+    x, y = ds.windows(tokens, scored, ds.E - 1)
+    # y[t] is the token after x[t]; x[0] is BOS, so the answer digit at text index j is the target at t = j
+    return x, y, {0: [15, 16, 17, 18, 19], 1: [16, 17, 18, 19, 20]}, [t for t, _ in episodes]
+
+
+def test_polynomial_answer_mask_covers_exactly_the_answer_tokens_for_every_head():
+    ds = data.load_data("polynomial:m=1,ood=2")  # E = 29 tokens: the hand-built episodes fit
+    x, y, answer, texts = hand_built_polynomial_batch(ds)
+    for row, positions in answer.items():
+        assert (y[row] != -1).nonzero().flatten().tolist() == [p - 1 for p in positions]
+        assert ds.tokenizer.decode(y[row][y[row] != -1]) == texts[row].split("=")[1][:5]
+    torch.manual_seed(0)
+    model = MTP(GPTConfig(block_size=ds.E - 1, vocab_size=ds.vocab_size, n_layer=4, n_head=2, n_embd=16), 4)
+    z = model.trunk_hidden(x)
+    for i in range(4):  # head i (0-based) predicts x_t+i+1 = y[t + i]: trained at t = answer target - i, only
+        logits = model.head_logits(i, z)
+        rows = [(r, p - 1 - i) for r, ps in answer.items() for p in ps]
+        expected = torch.stack([torch.nn.functional.cross_entropy(logits[r, t], y[r, t + i]) for r, t in rows]).mean()
+        torch.testing.assert_close(head_loss(logits, y, i), expected)
+        trained = (y[:, i:] != -1).nonzero().tolist()  # (row, t) where head i has a target
+        assert sorted(map(tuple, trained)) == sorted(rows)
+    xs, ys = ds.get_batch("train", 64, ds.E - 1, torch.Generator().manual_seed(1))  # fresh episodes: the same rule
+    for xr, yr in zip(xs, ys):
+        text = ds.tokenizer.decode(xr)
+        eq = text.index("=")
+        assert (yr != -1).nonzero().flatten().tolist() == list(range(eq, eq + 5))
+
+
+def test_fresh_training_episodes_every_batch_deterministic_given_the_generator():
+    ds = data.load_data("polynomial")
+    a = ds.get_batch("train", 32, ds.E - 1, torch.Generator().manual_seed(3))[0]
+    b = ds.get_batch("train", 32, ds.E - 1, torch.Generator().manual_seed(3))[0]
+    gen = torch.Generator().manual_seed(3)
+    c, d = (ds.get_batch("train", 32, ds.E - 1, gen)[0] for _ in range(2))
+    assert torch.equal(a, b) and torch.equal(a, c) and not torch.equal(c, d)
+    pool = {ds.tokenizer.decode(e) for e in ds.episodes["train"]}  # the fixed pool is not what training draws from
+    assert sum(ds.tokenizer.decode(e) in pool for e in torch.cat([c, d])) < 8
+
+
+def test_two_operation_polynomial_run_trains_on_answer_tokens_only(tmp_path, monkeypatch):
+    """train.py at smoke scale on two-operation expressions: every head's loss sees only answer digits."""
+    seen = []
+
+    def recording_head_loss(logits, y, i):
+        seen.append((y.clone(), i))
+        return head_loss(logits, y, i)
+    monkeypatch.setattr("mtp.head_loss", recording_head_loss)
+    metrics = train.main(TINY + ["--dataset", "polynomial:m=2,ood=3", "--block_size", "36", "--n_future", "2",
+                                 "--max_iters", "3", "--eval_interval", "3", "--out_dir", str(tmp_path)])
+    assert {i for _, i in seen} == {0, 1} and metrics["iter"] == 3
+    tok = data.POLYNOMIAL_TOKENIZER
+    for y, _ in seen:
+        for row in y:
+            kept = row[row != -1]
+            assert len(kept) == 5 and set(tok.decode(kept)) <= set("0123456")
+            start = (row != -1).nonzero()[0].item()
+            assert (row != -1).nonzero().flatten().tolist() == list(range(start, start + 5))
+    ds = data.load_data("polynomial:m=2,ood=3")
+    x, _ = ds.get_batch("train", 16, ds.E - 1, torch.Generator().manual_seed(0))
+    assert all(len(re.findall(r"[-+*]", tok.decode(e).split("=")[0])) == 2 for e in x)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("polynomial:ops=", "non-empty set of distinct operations"),
+    ("polynomial:ops=+/", "non-empty set of distinct operations"),
+    ("polynomial:m=1-3,ood=2-4", "more operations than training"),
+    ("polynomial:m=2,ood=2", "more operations than training"),
+    ("induction:names=0", "at least 1 name"),
+    ("induction:name_len=1", "at least 1 name of at least 2 symbols"),
+    ("induction:names=6,name_len=12", "fewer distinct names than the configuration needs"),
+    ("induction:names=2,name_len=12,length=64", "length >= 96"),
+    ("polynomial:steps=3", "not an option of polynomial"),
+])
+def test_bad_task_configurations_are_one_line_errors(name, message, tmp_path, capsys):
+    with pytest.raises(UserError, match=message):
+        data.load_data(name)
+    err = one_line_error(capsys, train.main, TINY + ["--dataset", name, "--out_dir", str(tmp_path)])
+    assert message in err and not (tmp_path / "ckpt.pt").exists()
 
 
 TINY = ["--objective", "mtp", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--batch_size", "4",
@@ -295,7 +382,7 @@ TINY = ["--objective", "mtp", "--n_layer", "2", "--n_head", "2", "--n_embd", "32
 
 def test_train_sample_speculative_and_bad_inputs(tmp_path, capsys):
     out = tmp_path / "poly"
-    train.main(TINY + ["--dataset", "polynomial", "--block_size", "80", "--n_future", "2", "--max_iters", "4",
+    train.main(TINY + ["--dataset", "polynomial", "--block_size", "28", "--n_future", "2", "--max_iters", "4",
                        "--eval_interval", "4", "--out_dir", str(out), "--brier_positions", "4", "--log_interval", "2"])
     log = capsys.readouterr().out
     assert "| loss_h1" in log and "| loss_h2" in log and "val_loss_h2" in log and "acc_val_ood" in log
@@ -358,8 +445,9 @@ def test_interleaved_speedup_times_the_same_outputs(monkeypatch):
 
 def test_task_accuracy_agrees_with_the_dataset_metric():
     torch.manual_seed(0)
-    for task, block in (("polynomial", 80), ("induction", 64)):
+    for task in ("polynomial", "induction"):
         ds = data.load_data(task)
+        block = ds.E - 1
         model = MTP(GPTConfig(block_size=block, vocab_size=ds.vocab_size, n_layer=2, n_head=2, n_embd=16), 2).eval()
         with torch.no_grad():  # an untrained model that predicts the answer digits often enough to score
             model.trunk.wte.weight.mul_(30)
@@ -367,18 +455,23 @@ def test_task_accuracy_agrees_with_the_dataset_metric():
         assert acc["acc"] == pytest.approx(ds.accuracy(lambda x: model.trunk(x)[0], "val", block_size=block))
         if task == "polynomial":  # exact match per number of operations, weighted back, is the overall figure
             tok = ds.tokenizer
-            ops = [sum(tok.decode(e).split("=")[0].count(c) for c in "+*o-") for e in ds.episodes["val"]]
-            assert sum(acc[f"acc_ops{m}"] * ops.count(m) for m in set(ops)) / len(ops) == pytest.approx(acc["acc"])
+            ops = [len(mx.operations(tok.decode(e))) for e in ds.episodes["val"]]
+            assert sum(acc[f"acc_m{m}"] * ops.count(m) for m in set(ops)) / len(ops) == pytest.approx(acc["acc"])
+            assert acc["n_scored"] == len(ops) and {"acc_m1_add", "acc_m1_mul", "acc_m1_neg"} <= set(acc)
         else:
-            assert acc["acc"] == acc["token_acc"]
+            assert acc["acc"] == acc["token_acc"] and acc["n_scored"] == 11 * len(ds.episodes["val"])
+
+
+def record(n, seed, loss, L=2, d=8):
+    """A size-sweep run in bench/records.py's format."""
+    return dict(config=dict(sweep="size", model=[L, d, 2], n=n, seed=seed),
+                metrics=dict(params_non_embedding=100, val_loss_h1=loss, brier1=-loss, brierlm=10 * loss, tokens=200),
+                provenance=dict(commit="x", code="y", threads=1, seed=seed))
 
 
 def test_size_summary_pairs_seeds_against_n1():
-    def run(n, seed, loss):
-        return dict(n_layer=2, n_embd=8, n=n, seed=seed, params_non_embedding=100, val_loss_h1=loss, brier1=-loss,
-                    brierlm=10 * loss)
-    runs = {"2x8_n1_s0": run(1, 0, 1.0), "2x8_n1_s1": run(1, 1, 2.0), "2x8_n4_s0": run(4, 0, 1.5),
-            "2x8_n4_s1": run(4, 1, 2.1), "2x8_n4_s2": run(4, 2, 9.0)}  # seed 2 has no n = 1 partner: left out
+    runs = {"2x8_n1_s0": record(1, 0, 1.0), "2x8_n1_s1": record(1, 1, 2.0), "2x8_n4_s0": record(4, 0, 1.5),
+            "2x8_n4_s1": record(4, 1, 2.1), "2x8_n4_s2": record(4, 2, 9.0)}  # seed 2 has no n = 1 partner: left out
     rows = {r["n"]: r for r in figs.size_summary({"runs": runs})}
     assert rows[1]["d_val_loss_h1"] == 0 and rows[4]["seeds"] == 2
     assert rows[4]["d_val_loss_h1"] == pytest.approx(0.3)
@@ -386,30 +479,49 @@ def test_size_summary_pairs_seeds_against_n1():
     assert rows[4]["d_brierlm"] == pytest.approx(3.0) and rows[4]["val_loss_h1"] == pytest.approx(1.8)
 
 
-def test_sweeps_at_smoke_scale_write_results_and_resume(tmp_path, monkeypatch):
+def test_sweeps_at_smoke_scale_write_results_with_provenance_resume_and_verify(tmp_path, monkeypatch, capsys):
     out, work = tmp_path / "results", tmp_path / "work"
     reports = mx.run("all", "smoke", str(out), str(work), log=lambda *a: None)
     assert set(reports) == set(mx.SWEEPS) and all((out / f"mtp_{s}.json").exists() for s in mx.SWEEPS)
+    for s, report in reports.items():
+        assert report["experiment"] == f"mtp_{s}" and report["module"] == "bench.mtp_experiments"
+        for rec in report["runs"].values():
+            prov = rec["provenance"]
+            assert rec["config"]["sweep"] == s and prov["config"] == rec["config"] and prov["seed"] == rec["config"]["seed"]
+            assert prov["code"] == records.code_hash(["bench.mtp_experiments"]) and prov["wall_seconds"] >= 0
     size = reports["size"]["runs"]
-    assert len(size) == 9 and all(r["brier1"] <= 1 and r["val_loss_h1"] > 0 for r in size.values())
-    assert {(r["n"], r["seeds"]) for r in figs.size_summary(reports["size"]) if r["n_embd"] == 16} == {(1, 2), (2, 2),
-                                                                                                      (4, 2)}
-    assert {r["n"] for r in figs.task_summary(reports["induction"])} == {1, 2}
-    assert set(reports["bytes"]["runs"]) == {"pystdlib_n2", "pystdlib_n8", "shakespeare_n2", "shakespeare_n8"}
-    assert all(r["identical"] for r in reports["bytes"]["runs"].values())
+    assert len(size) == 12 and all(r["metrics"]["brier1"] <= 1 and r["metrics"]["val_loss_h1"] > 0 for r in size.values())
+    tokens = {(tuple(r["config"]["model"]), r["metrics"]["tokens"]) for r in size.values()}
+    assert len(tokens) == 2  # more parameters, more tokens: one count per size
+    assert {(r["n"], r["seeds"]) for r in figs.size_summary(reports["size"]) if r["n_embd"] == 16} == {
+        (1, 2), (2, 2), (4, 2)}
+    ind = reports["induction"]["runs"]["4x16_n2_s1"]["metrics"]
+    assert [p["iter"] for p in ind["curve"]] == [2, 4] and 1 / 62 < ind["no_skill"]["val"]["guess_seen"] < 0.2
+    poly = reports["polynomial"]["runs"]["4x16_n1_s0"]["metrics"]
+    assert {"acc_val", "acc_val_ood", "acc_m3_val_ood", "acc_m1_val"} <= set(poly)
+    assert poly["no_skill"]["val_ood"]["chance"] == 7 ** -5
+    assert set(reports["bytes"]["runs"]) == {"pystdlib_n2", "pystdlib_n4", "shakespeare_n2", "shakespeare_n4"}
+    assert all(r["metrics"]["identical"] for r in reports["bytes"]["runs"].values())
     speed = reports["speedup"]["runs"]
-    assert set(speed) == {"code", "counting"} and all(r["identical"] and len(r["per_prompt"]) == 2 for r in speed.values())
-    # a cut sweep: one finished run lost from the JSON is evaluated again from its checkpoint, nothing retrains
-    report = json.loads((out / "mtp_size.json").read_text())
-    del report["runs"]["4x16_n2_s1"]
-    (out / "mtp_size.json").write_text(json.dumps(report))
+    assert set(speed) == {"code", "counting"} and all(r["metrics"]["identical"] for r in speed.values())
+    # finished runs are reused: nothing retrains; a run lost from the JSON is measured again from its checkpoint
+    report = json.loads((out / "mtp_induction.json").read_text())
+    lost = report["runs"].pop("4x16_n2_s1")
+    (out / "mtp_induction.json").write_text(json.dumps(report))
     monkeypatch.setattr(trainer, "run_quietly", lambda argv: pytest.fail("retrained " + " ".join(argv)))
-    again = mx.run("size", "smoke", str(out), str(work), log=lambda *a: None)["size"]["runs"]
-    assert again.keys() == size.keys() and again["4x16_n2_s1"]["val_loss_h1"] == size["4x16_n2_s1"]["val_loss_h1"]
-    # a checkpoint of another recipe (here another learning rate) is trained afresh, not resumed
+    again = mx.run("induction", "smoke", str(out), str(work), log=lambda *a: None)["induction"]["runs"]
+    assert again["4x16_n2_s1"]["metrics"]["acc_val"] == lost["metrics"]["acc_val"]
+    # a checkpoint made with another configuration (or by other code) is trained afresh, not resumed
     monkeypatch.setattr(trainer, "run_quietly", lambda argv: calls.append(argv))
     calls = []
-    recipe = mx.SCALES["smoke"]["size"]["recipe"]
-    mx.train_model(str(work / "size" / "4x16_n2_s1"), (4, 16, 2), 2, dict(recipe, lr=1e-4), 1338, log=print)
-    mx.train_model(str(work / "size" / "4x16_n2_s1"), (4, 16, 2), 2, dict(recipe, iters=5), 1338, log=print)
-    assert [argv[-1] for argv in calls] == ["--overwrite", "--resume"]  # same recipe, longer: resumed
+    cfg = dict(again["4x16_n2_s1"]["config"])
+    folder = str(work / "induction" / "4x16_n2_s1")
+    with pytest.raises(UserError):  # the old checkpoint is removed; the fake trainer writes none
+        mx.train_in_stages(dict(cfg, lr=1e-4), folder, str(work), records.code_hash(["bench.mtp_experiments"]))
+    assert calls[0][-1] == "--overwrite" and "--resume" not in calls[0]
+    # bench verify: the run again from nothing at the current code, the same thread count: exact agreement
+    monkeypatch.undo()
+    path = str(out / "mtp_polynomial.json")
+    assert records.verify(path, "4x16_n1_s0", work=str(tmp_path), record=True, log=print)
+    assert "agree" in capsys.readouterr().out
+    assert json.loads(open(path).read())["runs"]["4x16_n1_s0"]["verified"][0]["agree"]

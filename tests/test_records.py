@@ -2,6 +2,7 @@
 `python -m bench verify` re-checks a run (bench/records.py)."""
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,31 @@ def test_verify_bad_input_is_one_line(tmp_path, capsys):
                         (["verify", str(smoke), "b"], "has no run 'b'"),
                         (["verify", str(smoke), "a"], "has no provenance")):
         assert words in one_line_error(capsys, cli.main, argv)
+
+
+def test_an_exact_recheck_at_todays_code_certifies_the_runs_of_the_same_code(tmp_path):
+    """Runs of code A; today's code is B. Only an exact, agreeing `bench verify --record` at B of a run of A makes A's
+    runs current (reused by a sweep, not STALE under a figure); a run of a third code C stays stale."""
+    sys.path.insert(0, str(ROOT / "tutorials"))
+    import keyfigs
+
+    def rec(code, verified=()):
+        return dict(config={"x": 1}, metrics={}, provenance=dict(code=code, commit="abc"), verified=list(verified))
+
+    def check(verified, certified):
+        data = dict(experiment="e", runs={"a1": rec("A", verified), "a2": rec("A"), "c1": rec("C")})
+        assert records.current_codes(data, "B") == ({"A", "B"} if certified else {"B"})
+        path = tmp_path / "e.json"
+        records.write_json(str(path), data)
+        results = records.Results(str(path), "e", "m")
+        assert (results.reusable("a2", {"x": 1}, "B") is not None) == certified
+        assert results.reusable("c1", {"x": 1}, "B") is None
+        line = keyfigs.provenance_line(data, "B")
+        stale = line.split("STALE: ")[1]
+        assert stale.startswith("1 made" if certified else "3 made") and ("a2" in stale) != certified
+        assert ("re-check at today's code" in line) == certified
+
+    check([dict(code="B", agree=True, exact=True)], True)
+    check([dict(code="B", agree=False, exact=True)], False)   # it differed
+    check([dict(code="B", agree=True, exact=False)], False)   # within the noise only (another thread count)
+    check([dict(code="D", agree=True, exact=True)], False)    # re-checked at some other code

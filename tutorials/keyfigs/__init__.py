@@ -102,8 +102,12 @@ def provenance_line(data, current_code=None):
     records = runs or {"the run": data}
     legacy = [n for n, r in records.items() if r.get("provenance", {}).get("legacy")]
     verified = [n for n, r in records.items() if any(v.get("agree") for v in r.get("verified", []))]
+    current = {current_code} | {r.get("provenance", {}).get("code") for r in runs.values() if any(  # as in
+        v.get("code") == current_code and v.get("agree") and v.get("exact") for v in r.get("verified", []))}  # records.current_codes
     stale = [n for n, r in runs.items() if r.get("stale") or (current_code and r.get("provenance", {}).get("code")
-                                                             not in (None, current_code))]
+                                                             not in current | {None})]
+    rechecked = [n for n, r in runs.items() if current_code and r.get("provenance", {}).get("code")
+                 not in (None, current_code) and n not in stale]
     parts = [f"{data.get('experiment', 'results')}: {len(runs) or 1} run(s)",
              f"commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}",
              f"seeds {', '.join(map(str, seeds))}" if seeds else None,
@@ -111,6 +115,9 @@ def provenance_line(data, current_code=None):
     if legacy:
         parts.append(f"{len(legacy)} recorded before provenance (code unknown; {len(verified)} re-checked with "
                      f"bench verify and agreeing)")
+    if rechecked:
+        parts.append(f"{len(rechecked)} made by earlier code whose re-check at today's code (bench verify) came back "
+                     f"bit for bit")
     if stale:
         parts.append(f"STALE: {len(stale)} made by other code than today's ({', '.join(stale[:3])}"
                      f"{' ...' if len(stale) > 3 else ''})")
