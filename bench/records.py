@@ -279,12 +279,15 @@ def verify(path, run_id, work=None, record=False, log=print):
     for key, old, got, noise, ok in rows:
         log(f"  {key}: committed {old:.6g} | now {got:.6g} | noise {noise:.3g} | {'agree' if ok else 'DIFFER'}")
     log("agree" if agree else "differ")
-    if record:
+    if record:  # read again under the lock: a sweep may have added runs while this one re-ran
         head, dirty = commit()
-        rec.setdefault("verified", []).append(dict(commit=head, dirty=dirty, code=code_hash([data["module"]]),
-                                                   threads=torch.get_num_threads(), agree=agree, exact=exact,
-                                                   date=time.strftime("%Y-%m-%d %H:%M:%S")))
-        write_json(path, data)
+        outcome = dict(commit=head, dirty=dirty, code=code_hash([data["module"]]), threads=torch.get_num_threads(),
+                       agree=agree, exact=exact, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+        with Locked(path):
+            data = read_json(path)
+            runs = module.runs_of(data) if hasattr(module, "runs_of") else data["runs"]
+            runs[run_id].setdefault("verified", []).append(outcome)
+            write_json(path, data)
     return agree
 
 
