@@ -106,6 +106,8 @@ def layerwise_correlation(results):
             ax[0].plot([L], [lw[label]["spearman"]["final"]], "*", ms=12, color=color, alpha=1 - 0.35 * m)
     ax[0].set_ylabel("Spearman(dispersion, perplexity)")
     ax[0].legend(fontsize=7)
+    fig.suptitle("paper: weak in early layers, strongly negative in deep ones, absent at initialisation",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
