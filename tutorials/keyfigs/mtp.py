@@ -188,7 +188,8 @@ def induction_vs_size(results):
         rs = [r for r in rows if r["n"] == n]
         color, marker = N_STYLE.get(n, ("C5", "v"))
         errorbar(ax[0], rs, "params", "acc_val", marker=marker, color=color, label=f"n = {n} ({seeds(rs)})")
-    for p in sorted({r["params"] for r in rows}):  # the seeds that formed induction, under each size
+    sizes = sorted({r["params"] for r in rows})
+    for p in sizes:  # the seeds that formed induction, under each size
         text = "\n".join(f"n = {r['n']}: {r['formed']:.0%}" for r in rows if r["params"] == p)
         ax[0].text(p, 0.1, "formed\n" + text, ha="center", va="bottom", fontsize=7,
                    bbox=dict(boxstyle="round", fc="white", ec="0.8", alpha=0.8))
@@ -210,7 +211,6 @@ def induction_vs_size(results):
     ax[1].legend(unique.values(), unique.keys(), fontsize=8)
     ax[0].set(xscale="log", xlabel="non-embedding parameters", ylabel="accuracy of head 1 on recurring names",
               title="paper: n = 2 helps the smallest models, not larger ones")
-    sizes = sorted({r["params"] for r in rows})
     ax[0].set_xticks(sizes, [size_label(p) for p in sizes])  # only the trained sizes: no crowded minor labels
     ax[0].minorticks_off()
     if sizes:
