@@ -444,7 +444,8 @@ def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WOR
     fresh = not current
     done = {} if fresh else {p["iter"]: p for p in saved.get("points", [])}
     post = spec.get("post") and spec["post"](name, spec)
-    if set(done) >= set(points) and (post is None or "post" in saved):
+    need_post = post is not None and (fresh or "post" not in saved)  # decided now: `fresh` changes in the loop
+    if set(done) >= set(points) and not need_post:
         return
     ckpt = os.path.join(out_dir, "ckpt.pt")
     at = load_checkpoint(ckpt)["iter"] if records.checkpoint_matches(out_dir, config, code) else 0
@@ -491,7 +492,7 @@ def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WOR
         else:
             log(f"{exp} | {name} | iter {end} | FLOPs {point['train_flops']:.2e} | Brier-1 {scores['brier1']:.3f} "
                 f"± {scores['brier1_se']:.3f} | BrierLM {scores['brierlm']:.2f} | {seconds:.0f}s training")
-    if post is not None and (fresh or "post" not in saved):
+    if need_post:
         if at != max(points):
             raise UserError(f"{name}: the checkpoint is at iteration {at}, not at the last point {max(points)}")
         t = time.time()

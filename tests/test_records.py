@@ -80,6 +80,7 @@ def test_a_sweep_reuses_only_runs_of_the_same_code(tmp_path, monkeypatch):
     assert calls and all("--overwrite" in f for f in calls[:1])  # trained afresh, not resumed from the checkpoint
     assert fresh["provenance"]["code"] == records.code_hash(["bench.calm_runs"]) and "stale" not in fresh
     assert [p["brier1"] for p in fresh["points"]] == [p["brier1"] for p in first["points"]]  # seeded: the same
+    assert fresh["post"] == first["post"]  # the post-training measurements made again, not dropped with the old record
 
 
 def test_verify_agrees_on_a_deterministic_run_and_catches_a_changed_number(tmp_path):
