@@ -139,3 +139,15 @@ def test_an_exact_recheck_at_todays_code_certifies_the_runs_of_the_same_code(tmp
     check([dict(code="B", agree=False, exact=True)], False)   # it differed
     check([dict(code="B", agree=True, exact=False)], False)   # within the noise only (another thread count)
     check([dict(code="D", agree=True, exact=True)], False)    # re-checked at some other code
+
+
+def test_a_single_record_file_of_other_code_is_stale_under_its_figure():
+    """A results file that is one record (the BrierLM study, the bench table) is flagged like a file of runs."""
+    sys.path.insert(0, str(ROOT / "tutorials"))
+    import keyfigs
+    study = dict(experiment="brierlm_cpu", provenance=dict(code="A", commit="abc"), verified=[])
+    assert "STALE: 1 made" in keyfigs.provenance_line(study, "B")
+    assert "STALE" not in keyfigs.provenance_line(study, "A")
+    study["verified"] = [dict(code="B", agree=True, exact=True)]
+    line = keyfigs.provenance_line(study, "B")
+    assert "STALE" not in line and "re-check at today's code" in line

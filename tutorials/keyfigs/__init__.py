@@ -102,12 +102,11 @@ def provenance_line(data, current_code=None):
     records = runs or {"the run": data}
     legacy = [n for n, r in records.items() if r.get("provenance", {}).get("legacy")]
     verified = [n for n, r in records.items() if any(v.get("agree") for v in r.get("verified", []))]
-    current = {current_code} | {r.get("provenance", {}).get("code") for r in runs.values() if any(  # as in
+    current = {current_code} | {r.get("provenance", {}).get("code") for r in records.values() if any(  # as in
         v.get("code") == current_code and v.get("agree") and v.get("exact") for v in r.get("verified", []))}  # records.current_codes
-    stale = [n for n, r in runs.items() if r.get("stale") or (current_code and r.get("provenance", {}).get("code")
-                                                             not in current | {None})]
-    rechecked = [n for n, r in runs.items() if current_code and r.get("provenance", {}).get("code")
-                 not in (None, current_code) and n not in stale]
+    made_by = {n: r.get("provenance", {}).get("code") for n, r in records.items()}
+    stale = [n for n, r in records.items() if r.get("stale") or (current_code and made_by[n] not in current | {None})]
+    rechecked = [n for n in records if current_code and made_by[n] not in (None, current_code) and n not in stale]
     parts = [f"{data.get('experiment', 'results')}: {len(runs) or 1} run(s)",
              f"commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}",
              f"seeds {', '.join(map(str, seeds))}" if seeds else None,
