@@ -341,21 +341,25 @@ def record(path, exp, name, flags, config, prov, point=None, post=None, fresh=Fa
 
 
 def autoencoder(K, work=WORK, ae_iters=None, latent_dim=None, dataset=DATA["dataset"]):
-    """Path of the shared autoencoder for chunk size K (calm.py's recipe) of a dataset, trained once, under a lock,
-    if missing."""
+    """Path of the shared autoencoder for chunk size K (calm.py's recipe) of a dataset, trained under a lock when
+    missing or made by other code or settings (its provenance.json, written once training has finished)."""
     prefix = "" if dataset == DATA["dataset"] else re.sub(r"[^\w.=-]+", "_", dataset) + "_"
     out = os.path.join(work, "autoencoders", prefix + f"K{K}" + (f"_l{latent_dim}" if latent_dim else ""))
     path = os.path.join(out, "ckpt.pt")
+    args = SimpleNamespace(**{f.name: f.default for f in fields(calm.AEConfig)}, device="cpu", seed=1337,
+                           ae_iters=ae_iters or objectives.CALMFlags.ae_iters, out_dir=out, **{**DATA, "dataset": dataset})
+    args.chunk_size, args.latent_dim = K, latent_dim or args.latent_dim
+    flags = objectives.autoencoder_flags(args, out_dir=out)
+    if ae_iters:  # smoke: a few iterations, a short evaluation
+        flags.update(block_size=32, eval_iters=1)
+    config = {**{k: v for k, v in flags.items() if k != "out_dir"}, "threads": torch.get_num_threads()}  # bits
+    code = records.code_hash([__name__])
     with records.Locked(path):
-        if not os.path.exists(path):
-            args = SimpleNamespace(**{f.name: f.default for f in fields(calm.AEConfig)}, device="cpu", seed=1337,
-                                   ae_iters=ae_iters or objectives.CALMFlags.ae_iters, out_dir=out,
-                                   **{**DATA, "dataset": dataset})
-            args.chunk_size, args.latent_dim = K, latent_dim or args.latent_dim
-            flags = objectives.autoencoder_flags(args, out_dir=out)
-            if ae_iters:  # smoke: a few iterations, a short evaluation
-                flags.update(block_size=32, eval_iters=1)
-            trainer.run_quietly(to_argv(flags))
+        if not records.checkpoint_matches(out, config, code):
+            if os.path.exists(os.path.join(out, "provenance.json")):
+                os.remove(os.path.join(out, "provenance.json"))  # a cut retraining is not mistaken for a finished one
+            trainer.run_quietly(to_argv(flags) + ["--overwrite"])
+            records.mark_checkpoint(out, config, code)
     return path
 
 

@@ -1,6 +1,7 @@
 """Every result says what made it, a sweep reuses only what today's code and settings would make again, and
 `python -m bench verify` re-checks a run (bench/records.py)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +152,21 @@ def test_a_single_record_file_of_other_code_is_stale_under_its_figure():
     study["verified"] = [dict(code="B", agree=True, exact=True)]
     line = keyfigs.provenance_line(study, "B")
     assert "STALE" not in line and "re-check at today's code" in line
+
+
+def test_the_shared_autoencoder_is_reused_only_when_the_same_code_and_settings_made_it(tmp_path, monkeypatch):
+    """calm_runs.autoencoder trains the shared autoencoder once and reuses it; one whose provenance names other code
+    (or none: cut while training) is trained again, never reused."""
+    calls, real = [], trainer.run_quietly
+    monkeypatch.setattr(trainer, "run_quietly", lambda flags: calls.append(flags) or real(flags))
+    path = calm_runs.autoencoder(4, str(tmp_path), ae_iters=4)
+    assert len(calls) == 1 and os.path.isfile(path)
+    assert calm_runs.autoencoder(4, str(tmp_path), ae_iters=4) == path and len(calls) == 1  # reused
+    marker = os.path.join(os.path.dirname(path), "provenance.json")
+    made = json.loads(open(marker).read())
+    records.write_json(marker, dict(made, code="sha256:other"))
+    calm_runs.autoencoder(4, str(tmp_path), ae_iters=4)
+    assert len(calls) == 2 and "--overwrite" in calls[-1]  # other code: trained again
+    os.remove(marker)
+    calm_runs.autoencoder(4, str(tmp_path), ae_iters=4)
+    assert len(calls) == 3 and json.loads(open(marker).read()) == made  # no provenance: trained again
