@@ -140,6 +140,10 @@ def test_an_exact_recheck_at_todays_code_certifies_the_runs_of_the_same_code(tmp
     check([dict(code="B", agree=False, exact=True)], False)   # it differed
     check([dict(code="B", agree=True, exact=False)], False)   # within the noise only (another thread count)
     check([dict(code="D", agree=True, exact=True)], False)    # re-checked at some other code
+    data = dict(experiment="e", runs={"ntp": dict(rec("A", [dict(code="B", agree=True, exact=True)]), config={"objective": "ntp"}),
+                                      "calm": dict(rec("A"), config={"objective": "calm"})})
+    line = keyfigs.provenance_line(data, "B")  # under a figure, a re-check vouches only for its own objective
+    assert "STALE: 1 made" in line and "(calm)" in line and "1 made by earlier code whose re-check" in line
 
 
 def test_a_single_record_file_of_other_code_is_stale_under_its_figure():

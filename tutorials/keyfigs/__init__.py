@@ -102,10 +102,14 @@ def provenance_line(data, current_code=None):
     records = runs or {"the run": data}
     legacy = [n for n, r in records.items() if r.get("provenance", {}).get("legacy")]
     verified = [n for n, r in records.items() if any(v.get("agree") for v in r.get("verified", []))]
-    current = {current_code} | {r.get("provenance", {}).get("code") for r in records.values() if any(  # as in
-        v.get("code") == current_code and v.get("agree") and v.get("exact") for v in r.get("verified", []))}  # records.current_codes
-    made_by = {n: r.get("provenance", {}).get("code") for n, r in records.items()}
-    stale = [n for n, r in records.items() if r.get("stale") or (current_code and made_by[n] not in current | {None})]
+    # As records.current_codes, but stricter for the reader: an exact re-check at today's code vouches for the runs
+    # of the same code *and objective* (a CALM run also depends on its autoencoder, which an NTP run never trains).
+    kind = {n: (r.get("provenance", {}).get("code"), r.get("config", {}).get("objective")) for n, r in records.items()}
+    current = {kind[n] for n, r in records.items() if any(
+        v.get("code") == current_code and v.get("agree") and v.get("exact") for v in r.get("verified", []))}
+    made_by = {n: k[0] for n, k in kind.items()}
+    stale = [n for n, r in records.items() if r.get("stale") or (
+        current_code and made_by[n] not in (current_code, None) and kind[n] not in current)]
     rechecked = [n for n in records if current_code and made_by[n] not in (None, current_code) and n not in stale]
     parts = [f"{data.get('experiment', 'results')}: {len(runs) or 1} run(s)",
              f"commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}",
