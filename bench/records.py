@@ -120,6 +120,11 @@ def hardware(device="cpu"):
     return f"{platform.machine()} {model}, {os.cpu_count()} cores{memory}{gpu}"
 
 
+def cpu_model(hardware_string):
+    """The machine part of a hardware() string ("x86_64 AMD EPYC"): what decides which kernels run."""
+    return (hardware_string or "?").split(",")[0]
+
+
 def provenance(config, modules, device="cpu"):
     """What is about to make a run (call it before training; finish() adds the wall time)."""
     head, dirty = commit()
@@ -266,23 +271,28 @@ def verify(path, run_id, work=None, record=False, log=print):
         raise UserError(f"run {run_id!r} of {path} has no provenance: regenerate it")
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         new = module.rerun(data["experiment"], run_id, rec, tmp)
-    exact = rec["provenance"].get("threads") == torch.get_num_threads() and \
-        rec["provenance"].get("device", "cpu") == "cpu"
-    rows, agree = [], True
+    made, here = rec["provenance"], hardware()
+    # Bit for bit only on the same CPU model, thread count and torch: another CPU takes other kernel code paths.
+    exact = made.get("threads") == torch.get_num_threads() and made.get("device", "cpu") == "cpu" and \
+        made.get("torch") == torch.__version__ and cpu_model(made.get("hardware")) == cpu_model(here)
+    rows, agree, within_noise = [], True, True
     for key, (old, noise) in module.compared(rec).items():
         got = module.compared(new)[key][0]
-        ok = got == old if exact else abs(got - old) <= max(noise, 1e-12)
-        agree &= ok
+        close = abs(got - old) <= max(noise, 1e-12)
+        ok = got == old if exact else close
+        agree, within_noise = agree and ok, within_noise and close
         rows.append((key, old, got, noise, ok))
-    log(f"{path} :: {run_id} (made at {rec['provenance']['commit'][:10]}, {rec['provenance'].get('threads')} "
-        f"thread(s); now {torch.get_num_threads()} thread(s): {'exact' if exact else 'within the noise'})")
+    log(f"{path} :: {run_id} (made at {made['commit'][:10]} on {cpu_model(made.get('hardware'))}, "
+        f"{made.get('threads')} thread(s); now on {cpu_model(here)}, {torch.get_num_threads()} thread(s): "
+        f"{'exact' if exact else 'within the noise'})")
     for key, old, got, noise, ok in rows:
         log(f"  {key}: committed {old:.6g} | now {got:.6g} | noise {noise:.3g} | {'agree' if ok else 'DIFFER'}")
-    log("agree" if agree else "differ")
+    log("agree" if agree else "differ" + (" (but within the noise)" if within_noise else ""))
     if record:  # read again under the lock: a sweep may have added runs while this one re-ran
         head, dirty = commit()
         outcome = dict(commit=head, dirty=dirty, code=code_hash([data["module"]]), threads=torch.get_num_threads(),
-                       agree=agree, exact=exact, date=time.strftime("%Y-%m-%d %H:%M:%S"))
+                       hardware=here, agree=agree, exact=exact, within_noise=within_noise,
+                       date=time.strftime("%Y-%m-%d %H:%M:%S"))
         with Locked(path):
             data = read_json(path)
             runs = module.runs_of(data) if hasattr(module, "runs_of") else data["runs"]

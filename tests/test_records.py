@@ -91,13 +91,36 @@ def test_verify_agrees_on_a_deterministic_run_and_catches_a_changed_number(tmp_p
     assert records.verify(str(path), "calm K=4 seed 0", log=lines.append)
     assert "exact" in lines[0] and lines[-1] == "agree"
     data = json.loads(path.read_text())
-    data["runs"]["calm K=4 seed 0"]["points"][-1]["brier1"] += 0.25
+    data["runs"]["calm K=4 seed 0"]["points"][-1]["brier1"] += 5  # beyond any noise
     path.write_text(json.dumps(data))
     lines.clear()
     assert not records.verify(str(path), "calm K=4 seed 0", record=True, log=lines.append)
     assert lines[-1] == "differ" and any("DIFFER" in line for line in lines)
     outcome = json.loads(path.read_text())["runs"]["calm K=4 seed 0"]["verified"][-1]
     assert outcome["agree"] is False and commit_exists(outcome["commit"])
+
+
+def test_verify_is_exact_only_on_the_same_cpu_and_within_the_noise_elsewhere(tmp_path):
+    """A run made on another CPU model is compared within its noise (other kernels, other last bits): a small
+    difference agrees, and the outcome records exact=False, the hardware and within_noise."""
+    smoke_run(tmp_path)
+    path = tmp_path / "r" / "calm_smoke_curves.json"
+    data = json.loads(path.read_text())
+    run = data["runs"]["calm K=4 seed 0"]
+    run["provenance"]["hardware"] = "x86_64 Some Other CPU, 2 cores, 8 GiB; no GPU used"
+    run["points"][-1]["brier1"] += 0.5 * run["points"][-1]["brier1_se"]  # inside 3 standard errors
+    path.write_text(json.dumps(data))
+    lines = []
+    assert records.verify(str(path), "calm K=4 seed 0", record=True, log=lines.append)
+    assert "Some Other CPU" in lines[0] and "within the noise" in lines[0] and lines[-1] == "agree"
+    outcome = json.loads(path.read_text())["runs"]["calm K=4 seed 0"]["verified"][-1]
+    assert outcome["exact"] is False and outcome["within_noise"] is True and outcome["hardware"] == records.hardware()
+    data = json.loads(path.read_text())
+    data["runs"]["calm K=4 seed 0"]["provenance"]["hardware"] = records.hardware()  # the same CPU: bit for bit
+    path.write_text(json.dumps(data))
+    lines.clear()
+    assert not records.verify(str(path), "calm K=4 seed 0", log=lines.append)
+    assert "exact" in lines[0] and lines[-1] == "differ (but within the noise)"
 
 
 def test_verify_bad_input_is_one_line(tmp_path, capsys):
@@ -123,7 +146,7 @@ def test_an_exact_recheck_at_todays_code_certifies_the_runs_of_the_same_code(tmp
     def rec(code, verified=()):
         return dict(config={"x": 1}, metrics={}, provenance=dict(code=code, commit="abc"), verified=list(verified))
 
-    def check(verified, certified):
+    def check(verified, certified, noisy=False):
         data = dict(experiment="e", runs={"a1": rec("A", verified), "a2": rec("A"), "c1": rec("C")})
         assert records.current_codes(data, "B") == ({"A", "B"} if certified else {"B"})
         path = tmp_path / "e.json"
@@ -133,13 +156,19 @@ def test_an_exact_recheck_at_todays_code_certifies_the_runs_of_the_same_code(tmp
         assert results.reusable("c1", {"x": 1}, "B") is None
         line = keyfigs.provenance_line(data, "B")
         stale = line.split("STALE: ")[1]
-        assert stale.startswith("1 made" if certified else "3 made") and ("a2" in stale) != certified
-        assert ("re-check at today's code" in line) == certified
+        assert stale.startswith("1 made" if certified or noisy else "3 made") and ("a2" in stale) == (not certified
+                                                                                                     and not noisy)
+        assert ("re-check at today's code (bench verify) came back bit for bit" in line) == certified
+        assert ("agrees within the noise" in line) == noisy  # shown as such, but never reused by a sweep
 
     check([dict(code="B", agree=True, exact=True)], True)
     check([dict(code="B", agree=False, exact=True)], False)   # it differed
-    check([dict(code="B", agree=True, exact=False)], False)   # within the noise only (another thread count)
+    check([dict(code="B", agree=True, exact=False)], False, noisy=True)  # within the noise only (another CPU)
     check([dict(code="D", agree=True, exact=True)], False)    # re-checked at some other code
+    data = dict(experiment="e", runs={"a1": rec("A", [dict(code="B", agree=True, exact=False, within_noise=True)]),
+                                      "a2": rec("A"), "c1": rec("C")})
+    line = keyfigs.provenance_line(data, "B")  # re-checked on another CPU: within the noise, said so
+    assert "2 made by earlier code or on another CPU whose re-check" in line and "STALE: 1 made" in line
     data = dict(experiment="e", runs={"ntp": dict(rec("A", [dict(code="B", agree=True, exact=True)]), config={"objective": "ntp"}),
                                       "calm": dict(rec("A"), config={"objective": "calm"})})
     line = keyfigs.provenance_line(data, "B")  # under a figure, a re-check vouches only for its own objective

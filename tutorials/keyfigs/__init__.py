@@ -104,13 +104,16 @@ def provenance_line(data, current_code=None):
     verified = [n for n, r in records.items() if any(v.get("agree") for v in r.get("verified", []))]
     # As records.current_codes, but stricter for the reader: an exact re-check at today's code vouches for the runs
     # of the same code *and objective* (a CALM run also depends on its autoencoder, which an NTP run never trains).
+    # A re-check on another CPU (or after a change that moved the last bits) agrees only within the noise: said so.
     kind = {n: (r.get("provenance", {}).get("code"), r.get("config", {}).get("objective")) for n, r in records.items()}
-    current = {kind[n] for n, r in records.items() if any(
-        v.get("code") == current_code and v.get("agree") and v.get("exact") for v in r.get("verified", []))}
+    checks = [(kind[n], v) for n, r in records.items() for v in r.get("verified", []) if v.get("code") == current_code]
+    current = {k for k, v in checks if v.get("agree") and v.get("exact")}
+    close = {k for k, v in checks if v.get("agree") or v.get("within_noise")} - current
     made_by = {n: k[0] for n, k in kind.items()}
-    stale = [n for n, r in records.items() if r.get("stale") or (
-        current_code and made_by[n] not in (current_code, None) and kind[n] not in current)]
-    rechecked = [n for n in records if current_code and made_by[n] not in (None, current_code) and n not in stale]
+    other = [n for n, r in records.items() if r.get("stale") or (current_code and made_by[n] not in (current_code, None))]
+    rechecked = [n for n in other if kind[n] in current and not records[n].get("stale")]
+    noisy = [n for n in other if kind[n] in close and not records[n].get("stale")]
+    stale = [n for n in other if n not in rechecked and n not in noisy]
     parts = [f"{data.get('experiment', 'results')}: {len(runs) or 1} run(s)",
              f"commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}",
              f"seeds {', '.join(map(str, seeds))}" if seeds else None,
@@ -121,6 +124,9 @@ def provenance_line(data, current_code=None):
     if rechecked:
         parts.append(f"{len(rechecked)} made by earlier code whose re-check at today's code (bench verify) came back "
                      f"bit for bit")
+    if noisy:
+        parts.append(f"{len(noisy)} made by earlier code or on another CPU whose re-check at today's code (bench verify) "
+                     f"agrees within the noise, not bit for bit")
     if stale:
         parts.append(f"STALE: {len(stale)} made by other code than today's ({', '.join(stale[:3])}"
                      f"{' ...' if len(stale) > 3 else ''})")
