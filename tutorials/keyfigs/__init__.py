@@ -99,7 +99,8 @@ def provenance_line(data, current_code=None):
     seeds = sorted({p.get("seed") for p in provs if p.get("seed") is not None})
     threads = sorted({p.get("threads") for p in provs if p.get("threads") is not None})
     hardware = sorted({p.get("hardware", "?") for p in provs})
-    records = runs or {"the run": data}
+    row_checks = [v for row in data.get("rows", []) if isinstance(row, dict) for v in row.get("verified", [])]
+    records = runs or {"the run": dict(data, verified=data.get("verified", []) + row_checks)}  # a table: its rows'
     legacy = [n for n, r in records.items() if r.get("provenance", {}).get("legacy")]
     verified = [n for n, r in records.items() if any(v.get("agree") for v in r.get("verified", []))]
     # As records.current_codes, but stricter for the reader: an exact re-check at today's code vouches for the runs
