@@ -169,6 +169,9 @@ def test_an_exact_recheck_at_todays_code_certifies_the_runs_of_the_same_code(tmp
                                       "a2": rec("A"), "c1": rec("C")})
     line = keyfigs.provenance_line(data, "B")  # re-checked on another CPU: within the noise, said so
     assert "2 made by earlier code or on another CPU whose re-check" in line and "STALE: 1 made" in line
+    data["runs"]["a2"]["verified"] = [dict(code="B", agree=False, exact=False, within_noise=False)]
+    line = keyfigs.provenance_line(data, "B")  # a run whose own re-check failed is never vouched for by another's
+    assert "1 made by earlier code or on another CPU whose re-check" in line and "STALE: 2 made" in line
     data = dict(experiment="e", runs={"ntp": dict(rec("A", [dict(code="B", agree=True, exact=True)]), config={"objective": "ntp"}),
                                       "calm": dict(rec("A"), config={"objective": "calm"})})
     line = keyfigs.provenance_line(data, "B")  # under a figure, a re-check vouches only for its own objective

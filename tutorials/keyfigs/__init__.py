@@ -114,7 +114,10 @@ def provenance_line(data, current_code=None):
     other = [n for n, r in records.items() if r.get("stale") or (current_code and made_by[n] not in (current_code, None))]
     rechecked = [n for n in other if kind[n] in current and not records[n].get("stale")]
     noisy = [n for n in other if kind[n] in close and not records[n].get("stale")]
-    stale = [n for n in other if n not in rechecked and n not in noisy]
+    failed = {n for n, r in records.items() if any(v.get("code") == current_code and not v.get("agree")
+                                                    and not v.get("within_noise") for v in r.get("verified", []))}
+    rechecked, noisy = [n for n in rechecked if n not in failed], [n for n in noisy if n not in failed]  # its own
+    stale = [n for n in other if n not in rechecked and n not in noisy]                                 # check failed
     parts = [f"{data.get('experiment', 'results')}: {len(runs) or 1} run(s)",
              f"commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}",
              f"seeds {', '.join(map(str, seeds))}" if seeds else None,
