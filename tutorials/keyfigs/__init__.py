@@ -110,14 +110,13 @@ def provenance_line(data, current_code=None):
     checks = [(kind[n], v) for n, r in records.items() for v in r.get("verified", []) if v.get("code") == current_code]
     current = {k for k, v in checks if v.get("agree") and v.get("exact")}
     close = {k for k, v in checks if v.get("agree") or v.get("within_noise")} - current
-    made_by = {n: k[0] for n, k in kind.items()}
-    other = [n for n, r in records.items() if r.get("stale") or (current_code and made_by[n] not in (current_code, None))]
-    rechecked = [n for n in other if kind[n] in current and not records[n].get("stale")]
-    noisy = [n for n in other if kind[n] in close and not records[n].get("stale")]
     failed = {n for n, r in records.items() if any(v.get("code") == current_code and not v.get("agree")
                                                     and not v.get("within_noise") for v in r.get("verified", []))}
-    rechecked, noisy = [n for n in rechecked if n not in failed], [n for n in noisy if n not in failed]  # its own
-    stale = [n for n in other if n not in rechecked and n not in noisy]                                 # check failed
+    other = [n for n, r in records.items() if r.get("stale") or (current_code and kind[n][0] not in (current_code, None))]
+    vouched = [n for n in other if not records[n].get("stale") and n not in failed]  # a run whose own check failed: no
+    rechecked = [n for n in vouched if kind[n] in current]
+    noisy = [n for n in vouched if kind[n] in close]
+    stale = [n for n in other if n not in rechecked and n not in noisy]
     parts = [f"{data.get('experiment', 'results')}: {len(runs) or 1} run(s)",
              f"commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}",
              f"seeds {', '.join(map(str, seeds))}" if seeds else None,
