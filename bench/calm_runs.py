@@ -422,10 +422,11 @@ def stages_of(points, save_every=None):
     return sorted(set(points) | set(range(save_every, max(points), save_every)))
 
 
-def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WORK, reuse_stale=False):
+def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WORK, reuse_stale=False, stop_after=None):
     """Train run `name` through its points, score each, then spec['post'] if any. What exists is reused only if
     the same code (records.code_hash) and settings made it: a finished record, or a checkpoint to resume; a
-    record of other code is trained afresh (reuse_stale: kept, and marked stale)."""
+    record of other code is trained afresh (reuse_stale: kept, and marked stale). stop_after: stop at that point
+    (bench verify --points; the schedule stays the full run's)."""
     path = os.path.join(results, f"calm_{exp}.json")
     out_dir = os.path.join(work, exp, re.sub(r"[^\w.=-]+", "_", name))
     flags = dict(flags)
@@ -460,6 +461,8 @@ def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WOR
             saved_clock = json.load(f)
         seconds = saved_clock["seconds"] if saved_clock.get("iter") == at else 0.0
     for end in stages_of(points, spec.get("save_every")):
+        if stop_after is not None and end > stop_after:
+            break
         if end < at or (end == at and (end in done or end not in points)):
             continue
         t = time.time()
@@ -506,20 +509,23 @@ def run_one(exp, name, flags, points, spec, data, log, results=RESULTS, work=WOR
         log(f"{exp} | {name} | post-training measurements ({time.time() - t:.0f}s)")
 
 
-def rerun(experiment, run_id, rec, work):
-    """bench verify: the run again, from nothing (its autoencoder too), in `work`; returns its new record."""
+def rerun(experiment, run_id, rec, work, points=None):
+    """bench verify: the run again, from nothing (its autoencoder too), in `work`; returns its new record.
+    points=N: only through its N-th point (same schedule, so the same computation as the full run's start)."""
     exp = experiment.removeprefix("calm_")
     spec = {k: v for k, v in EXPERIMENTS[exp].items() if k != "post"}  # the training and its scores, no extras
-    points = [p["iter"] for p in rec["points"]]
-    run_one(exp, run_id, rec["flags"], points, spec, load_data(rec["flags"]["dataset"], rec["flags"]["tokenizer"]),
-            print, results=work, work=work)
+    iters = [p["iter"] for p in rec["points"]]
+    run_one(exp, run_id, rec["flags"], iters, spec, load_data(rec["flags"]["dataset"], rec["flags"]["tokenizer"]),
+            print, results=work, work=work, stop_after=None if points is None else iters[points - 1])
     return read_results(os.path.join(work, f"calm_{exp}.json"))["runs"][run_id]
 
 
 def compared(rec):
     """What bench verify compares: Brier-1..4 (and the exact Brier-1 where recorded) at every point, or an
     autoencoder's accuracies under noise, each with 3 standard errors of its estimate as the noise allowed when
-    the thread count differs."""
+    the thread count differs. A standard error is floored at one count of the sample (one position's estimate
+    moving by 1, or one token of the accuracy): at a bound (Brier-3 = -1 exactly) the sample's is 0."""
+    floor = 1 / rec.get("config", {}).get("positions", float("inf"))
     out = {}
     for p in rec["points"]:
         if "recon_rel" in p:
@@ -528,9 +534,9 @@ def compared(rec):
                     out[f"{kind} {sigma}@{p['iter']}"] = (acc, 3 * max(acc * (1 - acc), 1 / p["tokens"]) ** 0.5
                                                            / p["tokens"] ** 0.5)
             continue
-        out.update({f"brier{n}@{p['iter']}": (p[f"brier{n}"], 3 * p[f"brier{n}_se"]) for n in range(1, 5)})
+        out.update({f"brier{n}@{p['iter']}": (p[f"brier{n}"], 3 * max(p[f"brier{n}_se"], floor)) for n in range(1, 5)})
         if "brier1_exact" in p:
-            out[f"brier1_exact@{p['iter']}"] = (p["brier1_exact"], 3 * p["brier1_exact_se"])
+            out[f"brier1_exact@{p['iter']}"] = (p["brier1_exact"], 3 * max(p["brier1_exact_se"], floor))
     return out
 
 

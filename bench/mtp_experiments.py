@@ -343,7 +343,9 @@ def rerun(experiment, run_id, record, work):
 
 
 def binomial(p, n):
-    return math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
+    """The standard error of an accuracy p over n items, floored at one item's worth (at p = 0 or 1 it is 0)."""
+    n = max(n, 1)
+    return math.sqrt(max(p * (1 - p), 1 / n) / n)
 
 
 def compared(record):
@@ -355,8 +357,11 @@ def compared(record):
     if sweep in ("induction", "polynomial"):
         return {k: (m[k], 3 * binomial(m[k], m[k.replace("acc", "n_scored", 1)])) for k in m
                 if re.fullmatch(r"acc_val(_ood)?", k)}
-    if sweep == "size":
-        return {k: (m[k], 3 * (m[k + "_se"] or 0.0)) for k in ("val_loss_h1", "brier1", "brierlm")}
+    if sweep == "size":  # BrierLM's standard error is undefined (NaN) when a Brier-n <= 0: its Brier-1's, x 100
+        se = {k: m.get(k + "_se") or 0.0 for k in ("val_loss_h1", "brier1", "brierlm")}
+        if m.get("brierlm_se") is None or m["brierlm_se"] != m["brierlm_se"]:
+            se["brierlm"] = 100 * se["brier1"]
+        return {k: (m[k], 3 * se[k]) for k in se}
     per = [q["tokens_per_forward"] if isinstance(q, dict) else q for q in m["per_prompt"]]
     se = float(np.std(per, ddof=1) / math.sqrt(len(per))) if len(per) > 1 else 0.0
     return {"tokens_per_forward": (m["tokens_per_forward"], 3 * se), "val_loss_h1": (m["val_loss_h1"], 0.05)}

@@ -7,7 +7,10 @@ record is {"config": the full configuration (flags, seed), "metrics": ..., "prov
 
   provenance(config, modules)  commit and whether the tree's code was dirty, a hash of the repository source the
                                run executes (the modules it imports, transitively), the configuration and seed,
-                               torch version, threads, device, the machine's hardware string, start time
+                               torch version, threads, device, the machine's hardware string, start time. Commit and
+                               source are read once, when this module is imported (the process's start), so a file
+                               edited while a sweep runs does not change what its records claim; finish() names
+                               any module whose file changed on disk meanwhile ("changed_on_disk")
   Results                      one results file: .reusable(run_id, config, code) gives a finished record only when
                                its code hash and configuration match (a record of other code is trained afresh;
                                reuse_stale=True keeps it but marks it "stale"); .add(run_id, record) writes it
@@ -16,17 +19,24 @@ record is {"config": the full configuration (flags, seed), "metrics": ..., "prov
                                repository costs one re-check per experiment, not a re-run of every sweep)
   checkpoint_matches           the same rule for a run's checkpoint folder (its provenance.json)
   verify(path, run_id)         re-run one run in a temporary folder at the current code and compare: exactly when
-                               the run is deterministic on the same thread count, else within its stated noise
+                               the run is deterministic (same CPU model, thread count and torch), else within its
+                               stated noise; points=N re-trains only up to a run's N-th scored point (a long
+                               run's re-check in minutes: the schedule is the full run's, so its first points are
+                               the same computation)
 
 Numbers that depend on the thread count: float sums in matrix products are split across threads, so a run on 2
 threads is not bit-identical to the same run on 1 thread (training curves drift apart within the seeds' noise);
 with the thread count of the record, CPU training here is deterministic and verify expects exact agreement.
 Timings (tokens/s, speed-ups) are never exact: verify compares them within the stated noise, if at all.
+The noise each experiment allows is never zero-width: an estimate at its bound (an accuracy of exactly 0, a
+Brier score of exactly -1) has a standard error of 0, so each compared() floors it at one count of its sample;
+an undefined (NaN) standard error falls back to a defined one, and two equal numbers always agree.
 """
 import ast
 import fcntl
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -53,11 +63,42 @@ def git(*argv):
         return ""
 
 
-def commit():
+def read_commit():
     """(HEAD commit, whether any tracked or new .py file differs from it): the code, not results/ or notebooks."""
     head = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
     dirty = bool(git("status", "--porcelain", "--", "*.py"))
     return head, dirty
+
+
+def snapshot(root=ROOT):
+    """{path: bytes} of every .py file of the repository (not out/, not hidden folders), read now."""
+    files = {}
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__")) and not (folder == root and d == "out")]
+        for name in names:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    files[path] = f.read()
+    return files
+
+
+# What this process runs: the source and commit as they were when it started (this module is imported with the rest
+# of the code it runs), not as they are on disk when a record is written hours later.
+SOURCE, COMMIT = snapshot(), read_commit()
+
+
+def commit():
+    """(commit, dirty) when this process started."""
+    return COMMIT
+
+
+def source(path):
+    """The content of a repository file as this process loaded it (read now if it was not there at the start)."""
+    if path not in SOURCE:
+        with open(path, "rb") as f:
+            SOURCE[path] = f.read()
+    return SOURCE[path]
 
 
 def module_file(name):
@@ -79,7 +120,7 @@ def imported_modules(names):
         if name in seen or path is None:
             continue
         seen.add(name)
-        for node in ast.walk(ast.parse(open(path).read())):
+        for node in ast.walk(ast.parse(source(path))):
             if isinstance(node, ast.Import):
                 todo += [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -90,14 +131,13 @@ def imported_modules(names):
 
 
 def code_hash(modules):
-    """sha256 of the source (path and content) of every repository module the given ones import, transitively:
-    the code a run executes. Two runs with equal hashes ran the same code."""
+    """sha256 of the source (path and content) of every repository module the given ones import, transitively, as
+    this process loaded it: the code a run executes. Two runs with equal hashes ran the same code."""
     h = hashlib.sha256()
     for name in imported_modules(modules):
         path = module_file(name)
         h.update(os.path.relpath(path, ROOT).encode() + b"\0")
-        with open(path, "rb") as f:
-            h.update(f.read() + b"\0")
+        h.update(source(path) + b"\0")
     return "sha256:" + h.hexdigest()[:16]
 
 
@@ -134,10 +174,27 @@ def provenance(config, modules, device="cpu"):
                 hardware=hardware(device), started=time.strftime("%Y-%m-%d %H:%M:%S"), t0=time.time())
 
 
+def changed_on_disk(modules):
+    """The repository modules among `modules` whose file on disk is no longer the source this process loaded."""
+    changed = []
+    for name in modules:
+        path = module_file(name)
+        if path is None:  # removed from disk since
+            changed.append(name)
+            continue
+        with open(path, "rb") as f:
+            if f.read() != source(path):
+                changed.append(name)
+    return changed
+
+
 def finish(prov):
-    """The provenance with the run's wall time, ready to store."""
+    """The provenance with the run's wall time, ready to store (and the modules edited on disk while it ran)."""
     prov = dict(prov)
     prov["wall_seconds"] = round(time.time() - prov.pop("t0", time.time()), 1)
+    changed = changed_on_disk(prov.get("modules", []))
+    if changed:
+        prov["changed_on_disk"] = changed
     return prov
 
 
@@ -255,9 +312,18 @@ def mark_checkpoint(out_dir, config, code):
 
 # ----------------------------------------------------------------------------- re-checking a run
 
-def verify(path, run_id, work=None, record=False, log=print):
+def agrees(old, got, noise):
+    """Whether a re-checked number is within `noise` of the committed one: equal numbers always are (also two NaN),
+    and an undefined noise (NaN, None) allows no difference."""
+    if old == got or (old != old and got != got):
+        return True
+    return noise == noise and noise is not None and abs(got - old) <= noise
+
+
+def verify(path, run_id, work=None, record=False, log=print, points=None):
     """Re-run one run of a results file at the current code (its experiment's module does the work) and compare
-    every number it names with the committed one. Returns True when they agree."""
+    every number it names with the committed one. Returns True when they agree. points=N: only up to the run's N-th
+    scored point, for the experiments whose rerun() takes `points` (CALM's runs), comparing those points."""
     data = read_json(path)
     if "module" not in data:
         raise UserError(f"{path} names no experiment module: it predates provenance (regenerate it)")
@@ -269,22 +335,31 @@ def verify(path, run_id, work=None, record=False, log=print):
     rec = runs[run_id]
     if "provenance" not in rec:
         raise UserError(f"run {run_id!r} of {path} has no provenance: regenerate it")
+    if points is not None:
+        if "points" not in inspect.signature(module.rerun).parameters:
+            raise UserError(f"--points applies to runs scored at several points (CALM's), not to {data['module']}")
+        if not 1 <= points <= len(rec.get("points", [])):
+            raise UserError(f"--points must be between 1 and the run's {len(rec.get('points', []))} points, got {points}")
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        new = module.rerun(data["experiment"], run_id, rec, tmp)
+        new = module.rerun(data["experiment"], run_id, rec, tmp, **({} if points is None else dict(points=points)))
     made, here = rec["provenance"], hardware()
     # Bit for bit only on the same CPU model, thread count and torch: another CPU takes other kernel code paths.
     exact = made.get("threads") == torch.get_num_threads() and made.get("device", "cpu") == "cpu" and \
         made.get("torch") == torch.__version__ and cpu_model(made.get("hardware")) == cpu_model(here)
     rows, agree, within_noise = [], True, True
+    now = module.compared(new)
     for key, (old, noise) in module.compared(rec).items():
-        got = module.compared(new)[key][0]
-        close = abs(got - old) <= max(noise, 1e-12)
-        ok = got == old if exact else close
+        if points is not None and key not in now:
+            continue  # a later point than the prefix re-trained
+        got = now[key][0]
+        close = agrees(old, got, noise)
+        ok = (got == old or (got != got and old != old)) if exact else close
         agree, within_noise = agree and ok, within_noise and close
         rows.append((key, old, got, noise, ok))
     log(f"{path} :: {run_id} (made at {made['commit'][:10]} on {cpu_model(made.get('hardware'))}, "
         f"{made.get('threads')} thread(s); now on {cpu_model(here)}, {torch.get_num_threads()} thread(s): "
-        f"{'exact' if exact else 'within the noise'})")
+        f"{'exact' if exact else 'within the noise'})"
+        + (f" -- its first {points} of {len(rec['points'])} points" if points is not None else ""))
     for key, old, got, noise, ok in rows:
         log(f"  {key}: committed {old:.6g} | now {got:.6g} | noise {noise:.3g} | {'agree' if ok else 'DIFFER'}")
     log("agree" if agree else "differ" + (" (but within the noise)" if within_noise else ""))
@@ -293,6 +368,8 @@ def verify(path, run_id, work=None, record=False, log=print):
         outcome = dict(commit=head, dirty=dirty, code=code_hash([data["module"]]), threads=torch.get_num_threads(),
                        hardware=here, agree=agree, exact=exact, within_noise=within_noise,
                        date=time.strftime("%Y-%m-%d %H:%M:%S"))
+        if points is not None:
+            outcome["points"] = f"first {points} of {len(rec['points'])}"
         with Locked(path):
             data = read_json(path)
             runs = module.runs_of(data) if hasattr(module, "runs_of") else data["runs"]
@@ -302,12 +379,14 @@ def verify(path, run_id, work=None, record=False, log=print):
 
 
 def main(argv=None):
-    """python -m bench verify results/<file>.json <run-id> [--record]"""
+    """python -m bench verify results/<file>.json <run-id> [--record] [--points N]"""
     from runtime import OneLineParser
     p = OneLineParser(prog="python -m bench verify", description=__doc__.splitlines()[0])
     p.add_argument("path")
     p.add_argument("run_id")
     p.add_argument("--record", action="store_true", help="add the outcome to the run's 'verified' list")
+    p.add_argument("--points", type=int, default=None,
+                   help="CALM's runs: re-train only up to the N-th scored point and compare those (minutes, not hours)")
     a = p.parse_args(argv)
-    if not verify(a.path, a.run_id, record=a.record):
+    if not verify(a.path, a.run_id, record=a.record, points=a.points):
         raise SystemExit(1)

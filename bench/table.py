@@ -425,7 +425,8 @@ def main(argv=None):
     if argv[:1] == ["memory-child"]:
         return memory_child(argv[1])
     parser = runtime.OneLineParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="cpu", help="tiny (< 1 min, the tests), cpu (~15 min on 2 cores), gpu")
+    parser.add_argument("--preset", default="cpu",
+                        help="tiny (< 1 min, the tests), cpu (45-65 min measured, one thread of a 2-core CPU), gpu")
     parser.add_argument("--out", default="results", help="folder for bench_<preset>.json and .csv")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no_core", action="store_true", help="skip the core GPT's compile on/off throughput")

@@ -206,3 +206,67 @@ def test_the_shared_autoencoder_is_reused_only_when_the_same_code_and_settings_m
     os.remove(marker)
     calm_runs.autoencoder(4, str(tmp_path), ae_iters=4)
     assert len(calls) == 3 and json.loads(open(marker).read()) == made  # no provenance: trained again
+
+
+def test_the_code_hash_is_the_source_the_process_loaded_not_the_file_edited_since(tmp_path, monkeypatch):
+    """A sweep runs for hours: an edit on disk meanwhile must not change the code its records claim, and the
+    record names the module that changed under it."""
+    fake = tmp_path / "calm.py"
+    fake.write_text((ROOT / "calm.py").read_text())
+    real = records.module_file
+    monkeypatch.setattr(records, "module_file", lambda name: str(fake) if name == "calm" else real(name))
+    prov = records.provenance({"seed": 0}, ["bench.calm_runs"])  # the process loads calm here
+    fake.write_text((ROOT / "calm.py").read_text() + "\n# edited while the run trained\n")
+    assert records.code_hash(["bench.calm_runs"]) == prov["code"]
+    done = records.finish(prov)
+    assert done["changed_on_disk"] == ["calm"] and done["code"] == prov["code"]
+    assert "calm" not in records.imported_modules(["runtime"])
+    assert "changed_on_disk" not in records.finish(records.provenance({"seed": 0}, ["runtime"]))
+
+
+def test_no_tolerance_is_zero_wide_at_a_bound_or_undefined():
+    """An estimate at its bound has a standard error of 0 and an undefined one is NaN: one count of the sample
+    apart must still agree within the noise, and two equal numbers always agree."""
+    from bench import mtp_experiments
+    poly = {"config": {"sweep": "polynomial"},
+            "metrics": {"acc_val_ood": 0.0, "n_scored_val_ood": 1000, "acc_val": 1.0, "n_scored_val": 1000}}
+    for key, (old, noise) in mtp_experiments.compared(poly).items():
+        assert records.agrees(old, abs(old - 0.001), noise), key  # one item in 1,000 flipped
+        assert not records.agrees(old, abs(old - 0.05), noise), key  # fifty are not noise
+    size = {"config": {"sweep": "size"}, "metrics": dict(val_loss_h1=3.5, val_loss_h1_se=0.01, brier1=0.06,
+                                                          brier1_se=0.002, brierlm=0.0, brierlm_se=float("nan"))}
+    old, noise = mtp_experiments.compared(size)["brierlm"]
+    assert noise == noise and noise > 0 and records.agrees(old, 0.0, noise) and records.agrees(old, 0.1, noise)
+    assert not records.agrees(old, 5.0, noise)
+    assert records.agrees(0.0, 0.0, float("nan")) and not records.agrees(0.0, 1e-9, float("nan"))
+    head = {"config": {"positions": 2048}, "points": [dict(iter=10, **{f"brier{n}": -1.0 for n in range(1, 5)},
+                                                           **{f"brier{n}_se": 0.0 for n in range(1, 5)})]}
+    old, noise = calm_runs.compared(head)["brier3@10"]
+    assert records.agrees(old, -1 + 2 / 2048, noise) and not records.agrees(old, -0.95, noise)
+
+
+def test_verify_points_rechecks_a_prefix_of_a_long_run(tmp_path, capsys):
+    """--points N re-trains only to the N-th scored point (same schedule) and compares those points: a number
+    changed at a later point is not looked at, one changed at the first point is caught."""
+    import bench.__main__ as cli
+    runs = smoke_run(tmp_path)["runs"]
+    assert len(runs["calm K=4 seed 0"]["points"]) > 1
+    path = tmp_path / "r" / "calm_smoke_curves.json"
+    data = json.loads(path.read_text())
+    data["runs"]["calm K=4 seed 0"]["points"][-1]["brier1"] += 5
+    path.write_text(json.dumps(data))
+    lines = []
+    assert records.verify(str(path), "calm K=4 seed 0", record=True, log=lines.append, points=1)
+    assert "first 1 of" in lines[0] and lines[-1] == "agree" and not any("@" + str(
+        data["runs"]["calm K=4 seed 0"]["points"][-1]["iter"]) in line for line in lines[1:-1])
+    outcome = json.loads(path.read_text())["runs"]["calm K=4 seed 0"]["verified"][-1]
+    assert outcome["agree"] and outcome["exact"] and outcome["points"].startswith("first 1 of")
+    data["runs"]["calm K=4 seed 0"]["points"][0]["brier1"] += 5
+    path.write_text(json.dumps(data))
+    assert not records.verify(str(path), "calm K=4 seed 0", log=lambda *a: None, points=1)
+    n = len(data["runs"]["calm K=4 seed 0"]["points"])
+    capsys.readouterr()  # the re-runs' warnings
+    assert "between 1 and" in one_line_error(capsys, cli.main, ["verify", str(path), "calm K=4 seed 0",
+                                                               "--points", str(n + 1)])
+    assert "not to bench.mtp_experiments" in one_line_error(
+        capsys, cli.main, ["verify", str(ROOT / "results" / "mtp_size.json"), "6x24_n4_s0", "--points", "1"])

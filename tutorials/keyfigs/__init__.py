@@ -116,6 +116,7 @@ def provenance_line(data, current_code=None):
     vouched = [n for n in other if not records[n].get("stale") and n not in failed]  # a run whose own check failed: no
     rechecked = [n for n in vouched if kind[n] in current]
     noisy = [n for n in vouched if kind[n] in close]
+    prefix = [v.get("points") for k, v in checks if v.get("points") and (v.get("agree") or v.get("within_noise"))]
     stale = [n for n in other if n not in rechecked and n not in noisy]
     parts = [f"{data.get('experiment', 'results')}: {len(runs) or 1} run(s)",
              f"commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}",
@@ -130,6 +131,8 @@ def provenance_line(data, current_code=None):
     if noisy:
         parts.append(f"{len(noisy)} made by earlier code or on another CPU whose re-check at today's code (bench verify) "
                      f"agrees within the noise, not bit for bit")
+    if prefix and (rechecked or noisy):
+        parts.append(f"re-checks of long runs on a prefix of their points ({', '.join(sorted(set(prefix)))})")
     if stale:
         parts.append(f"STALE: {len(stale)} made by other code than today's ({', '.join(stale[:3])}"
                      f"{' ...' if len(stale) > 3 else ''})")
