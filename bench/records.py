@@ -142,13 +142,22 @@ def code_hash(modules):
 
 
 def hardware(device="cpu"):
-    """Read from the machine: architecture, CPU model, cores, memory, and the GPU when one is used."""
-    model = platform.processor() or platform.machine()
+    """Read from the machine: architecture, CPU model (with its family and model numbers and the vector
+    instructions torch's kernels use: one "AMD EPYC" name covers CPUs that run other kernels), cores, memory, and
+    the GPU when one is used."""
+    model, info = platform.processor() or platform.machine(), {}
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+            for line in f:
+                key, _, value = line.partition(":")
+                if not key.strip() and info:
+                    break  # the first processor is enough
+                info.setdefault(key.strip(), value.strip())
+        model = info.get("model name", model)
     except OSError:
         pass
+    family = f"family {info['cpu family']} model {info['model']}; " if "cpu family" in info and "model" in info else ""
+    model = f"{model} [{family}{torch.backends.cpu.get_cpu_capability()}]"
     memory = ""
     try:
         with open("/proc/meminfo") as f:
@@ -161,7 +170,8 @@ def hardware(device="cpu"):
 
 
 def cpu_model(hardware_string):
-    """The machine part of a hardware() string ("x86_64 AMD EPYC"): what decides which kernels run."""
+    """The machine part of a hardware() string ("x86_64 AMD EPYC [family 25 model 1; AVX2]"): what decides which
+    kernels run."""
     return (hardware_string or "?").split(",")[0]
 
 

@@ -103,6 +103,10 @@ def test_verify_agrees_on_a_deterministic_run_and_catches_a_changed_number(tmp_p
 def test_verify_is_exact_only_on_the_same_cpu_and_within_the_noise_elsewhere(tmp_path):
     """A run made on another CPU model is compared within its noise (other kernels, other last bits): a small
     difference agrees, and the outcome records exact=False, the hardware and within_noise."""
+    import torch
+    # one marketing name ("AMD EPYC") covers CPUs whose kernels differ: the vector instructions torch uses are part
+    # of the model, so a record without them is never called exact
+    assert f"{torch.backends.cpu.get_cpu_capability()}]" in records.cpu_model(records.hardware())
     smoke_run(tmp_path)
     path = tmp_path / "r" / "calm_smoke_curves.json"
     data = json.loads(path.read_text())
@@ -176,6 +180,10 @@ def test_an_exact_recheck_at_todays_code_certifies_the_runs_of_the_same_code(tmp
                                       "calm": dict(rec("A"), config={"objective": "calm"})})
     line = keyfigs.provenance_line(data, "B")  # under a figure, a re-check vouches only for its own objective
     assert "STALE: 1 made" in line and "(calm)" in line and "1 made by earlier code whose re-check" in line
+    data["runs"]["calm"]["verified"] = [dict(code="B", agree=True, exact=False, within_noise=True,
+                                             points="first 2 of 7")]
+    line = keyfigs.provenance_line(data, "B")  # a long run re-checked on its first points only: said so
+    assert "STALE" not in line and "prefix of their points (first 2 of 7)" in line
 
 
 def test_a_single_record_file_of_other_code_is_stale_under_its_figure():
